@@ -1,0 +1,310 @@
+"""The ``kvwctl`` command line: parse options, merge them with ``kvw.toml``, call a stage.
+
+    kvwctl profile --split retain        # inputs from kvw.toml in the working directory
+    kvwctl profile --split forget
+    kvwctl accessor
+    kvwctl apply --gamma 0.02 --layers 2:26
+
+stdout carries only results (the output path, or JSON with ``--json``); messages, tables and
+progress bars go to stderr. Exit codes: 0 success, 1 bad input or failed check (``Error: …`` and
+a hint, no traceback unless ``--debug``), 2 usage error, 130 interrupted. Nothing ever prompts.
+This is the only module that imports typer; torch is imported only inside command bodies (through
+the stage modules' functions), so ``kvwctl --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.table import Table
+
+from kvwctl import __version__, console
+from kvwctl.config import load_config, require
+from kvwctl.errors import KvwError
+
+app = typer.Typer(
+    name="kvwctl",
+    help="Make a (vision-)language model forget chosen data without training: Knowledge Vector Weakening.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals would be multi-GB tensors
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# --- shared options ------------------------------------------------------------------------------
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", help="kvw.toml to read defaults from [default: ./kvw.toml if present]")
+]
+ModelOption = Annotated[str | None, typer.Option("--model", help="Hub id or local checkpoint directory [kvw.toml: model]")]
+RevisionOption = Annotated[
+    str | None, typer.Option("--revision", help="Hub branch, tag or commit [kvw.toml: revision]")
+]
+DeviceOption = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N [default: auto]")]
+DtypeOption = Annotated[
+    str | None,
+    typer.Option("--dtype", help="auto, float32, bfloat16 or float16 [default: auto: stored dtype on GPU, float32 on CPU]"),
+]
+ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of the output path.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+PositionsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--positions",
+        help="Profiled positions: answer (predicting answer tokens), answer-tokens or all [default: answer]",
+    ),
+]
+
+
+def command(function: F) -> F:
+    """Register a command and give it the single error-handling site of the CLI.
+
+    ``KvwError`` becomes ``Error: …`` plus its hint on stderr and the error's exit code;
+    Ctrl-C exits 130. With ``--debug`` the exception propagates with its traceback.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        console.set_quiet(bool(kwargs.get("quiet")))
+        try:
+            return function(*args, **kwargs)
+        except KvwError as error:
+            if kwargs.get("debug"):
+                raise
+            stderr = console.stderr_console()
+            stderr.print(f"[bold red]Error:[/] {error.message}", markup=True, highlight=False, soft_wrap=True)
+            if error.hint:
+                stderr.print(f"Hint: {error.hint}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            console.stderr_console().print("Interrupted.")
+            raise typer.Exit(130) from None
+
+    app.command()(wrapper)
+    return function
+
+
+def _emit(path: Path, summary: dict[str, Any], as_json: bool) -> None:
+    """The command's result on stdout: its output path, or the whole summary as JSON."""
+    if as_json:
+        typer.echo(json.dumps({"path": str(path), **summary}, indent=2, default=str))
+    else:
+        typer.echo(str(path))
+
+
+def _show_inputs(title: str, values: dict[str, Any]) -> None:
+    table = Table(title=title, show_header=False, title_justify="left", box=None, pad_edge=False)
+    for key, value in values.items():
+        table.add_row(f"  {key}", str(value))
+    console.show(table)
+
+
+def _default(value: Any, config_value: Any, fallback: Any) -> Any:
+    if value is not None:
+        return value
+    return config_value if config_value is not None else fallback
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+@command
+def profile(
+    split: Annotated[str, typer.Option("--split", help="retain (pooled sums) or forget (per-sample sums)")],
+    model: ModelOption = None,
+    revision: RevisionOption = None,
+    data: Annotated[Path | None, typer.Option("--data", help="JSON Lines samples [kvw.toml: splits.<split>]")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output file [default: <workdir>/profile-<split>.safetensors]")
+    ] = None,
+    positions: PositionsOption = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Samples per forward pass [default: 8]")] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    force: ForceOption = False,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Knowledge coefficients of a data split: mean |input| of every down projection."""
+    from kvwctl.profile import run_profile
+
+    project = load_config(config)
+    model = require(model or project.model, flag="--model", key="model")
+    data = require(data or project.split(split), flag="--data", key=f"splits.{split}")
+    out = out or project.workdir / f"profile-{split}.safetensors"
+    settings = dict(
+        split=split,
+        revision=revision or (project.revision if model == project.model else None),
+        positions=_default(positions, project.positions, "answer"),
+        batch_size=_default(batch_size, project.batch_size, 8),
+        device=_default(device, project.device, "auto"),
+        dtype=_default(dtype, project.dtype, "auto"),
+    )
+    _show_inputs("profile", {"model": model, "data": data, "out": out, **settings})
+    with console.progress_tracker() as tracker:
+        result = run_profile(model, data, out, force=force, tracker=tracker, **settings)
+    console.info(
+        f"Profiled {result.num_samples} samples, {result.num_positions} positions, {result.num_layers} layers "
+        f"-> {result.path}"
+    )
+    _emit(result.path, {"split": split, "samples": result.num_samples, "positions": result.num_positions,
+                        "layers": result.num_layers, "model_fingerprint": result.fingerprint}, json_output)
+
+
+@command
+def accessor(
+    forget: Annotated[
+        Path | None, typer.Option("--forget", help="Forget profile [default: <workdir>/profile-forget.safetensors]")
+    ] = None,
+    retain: Annotated[
+        Path | None, typer.Option("--retain", help="Retain profile [default: <workdir>/profile-retain.safetensors]")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output file [default: <workdir>/accessor.safetensors]")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Forget samples per accessor batch [default: 1, as the paper]")
+    ] = None,
+    save_batches: Annotated[bool, typer.Option("--save-batches", help="Also store every batch's A_b.")] = False,
+    force: ForceOption = False,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Forget exposure E = sum over forget batches of max(0, log C_f - log C_r)."""
+    from kvwctl.accessor import run_accessor
+
+    project = load_config(config)
+    forget = forget or project.workdir / "profile-forget.safetensors"
+    retain = retain or project.workdir / "profile-retain.safetensors"
+    out = out or project.workdir / "accessor.safetensors"
+    batch_size = _default(batch_size, project.forget_batch_size, 1)
+    _show_inputs("accessor", {"forget": forget, "retain": retain, "out": out, "batch_size": batch_size})
+    result = run_accessor(forget, retain, out, batch_size=batch_size, save_batches=save_batches, force=force)
+    table = Table(title=f"exposure over {result.num_batches} forget batches of {result.batch_size}", title_justify="left")
+    for column in ("layer", "vectors", "A > 0", "max E", "mean E"):
+        table.add_column(column, justify="right")
+    for summary in result.layers:
+        table.add_row(
+            str(summary.layer),
+            str(summary.vectors),
+            f"{summary.exposed} ({summary.exposed / summary.vectors:.0%})",
+            f"{summary.max_exposure:.4g}",
+            f"{summary.mean_exposure:.4g}",
+        )
+    console.show(table)
+    _emit(result.path, {"batches": result.num_batches, "batch_size": result.batch_size,
+                        "layers": [vars(summary) for summary in result.layers]}, json_output)
+
+
+@command
+def apply(
+    model: ModelOption = None,
+    revision: RevisionOption = None,
+    accessor_path: Annotated[
+        Path | None, typer.Option("--accessor", help="Accessor file [default: <workdir>/accessor.safetensors]")
+    ] = None,
+    gamma: Annotated[float | None, typer.Option("--gamma", help="Weakening strength [kvw.toml: gamma; default: 0.02]")] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option("--layers", help="Decoder layers, inclusive and 0-based: 2:26, :26, 2:, 0,3,5 [default: all]"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output checkpoint directory [default: <workdir>/unlearned]")] = None,
+    progressive: Annotated[
+        bool, typer.Option("--progressive", help="Algorithm 1: re-profile the weakened model after every forget batch.")
+    ] = False,
+    forget_data: Annotated[
+        Path | None, typer.Option("--forget-data", help="Forget samples, for --progressive [kvw.toml: splits.forget]")
+    ] = None,
+    retain: Annotated[
+        Path | None,
+        typer.Option("--retain", help="Retain profile, for --progressive [default: <workdir>/profile-retain.safetensors]"),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Forget samples per batch, for --progressive [default: 1]")
+    ] = None,
+    exposure_out: Annotated[
+        Path | None,
+        typer.Option("--exposure-out", help="Where --progressive writes the exposure it applied [default: <out>.exposure.safetensors]"),
+    ] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    force: ForceOption = False,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Write a new checkpoint with knowledge vectors scaled by exp(-gamma * E)."""
+    from kvwctl.apply import run_apply, run_progressive
+
+    project = load_config(config)
+    model = require(model or project.model, flag="--model", key="model")
+    revision = revision or (project.revision if model == project.model else None)
+    gamma = _default(gamma, project.gamma, 0.02)
+    layers = _default(layers, project.layers, ":")
+    out = out or project.workdir / "unlearned"
+    device = _default(device, project.device, "auto")
+    if progressive:
+        if accessor_path is not None:
+            raise typer.BadParameter("--accessor does not apply with --progressive", param_hint="--accessor")
+        forget_data = require(forget_data or project.split("forget"), flag="--forget-data", key="splits.forget")
+        retain = retain or project.workdir / "profile-retain.safetensors"
+        settings: dict[str, Any] = dict(
+            gamma=gamma,
+            layers=layers,
+            revision=revision,
+            batch_size=_default(batch_size, project.forget_batch_size, 1),
+            device=device,
+            dtype=_default(dtype, project.dtype, "auto"),
+        )
+        _show_inputs("apply --progressive", {"model": model, "forget_data": forget_data, "retain": retain, "out": out, **settings})
+        with console.progress_tracker() as tracker:
+            result = run_progressive(
+                model, forget_data, retain, out, force=force, exposure_out=exposure_out, tracker=tracker, **settings
+            )
+    else:
+        for flag, value in (("--forget-data", forget_data), ("--retain", retain), ("--batch-size", batch_size),
+                            ("--exposure-out", exposure_out), ("--dtype", dtype)):
+            if value is not None:
+                raise typer.BadParameter(f"{flag} applies to --progressive only", param_hint=flag)
+        accessor_path = accessor_path or project.workdir / "accessor.safetensors"
+        _show_inputs("apply", {"model": model, "accessor": accessor_path, "out": out, "gamma": gamma,
+                               "layers": layers, "revision": revision, "device": device})
+        with console.progress_tracker() as tracker:
+            result = run_apply(
+                model, accessor_path, out, gamma=gamma, layers=layers, revision=revision, device=device,
+                force=force, tracker=tracker,
+            )
+    manifest = result.manifest
+    console.info(f"Layers edited: {manifest['layers']}")
+    table = Table(title=f"gamma = {gamma}", title_justify="left")
+    for column in ("layer", "vectors", "scaled", "min gate", "mean gate"):
+        table.add_column(column, justify="right")
+    for layer, stats in manifest["per_layer"].items():
+        table.add_row(layer, str(stats["vectors"]), str(stats["scaled"]), f"{stats['min_gate']:.4g}", f"{stats['mean_gate']:.6f}")
+    console.show(table)
+    console.info(f"Wrote {result.path}")
+    _emit(result.path, {"manifest": manifest}, json_output)
+
+
+@app.command()
+def version() -> None:
+    """Print the kvwctl version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

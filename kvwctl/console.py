@@ -1,0 +1,93 @@
+"""Everything kvwctl shows a person goes to stderr, through this module.
+
+stdout is reserved for machine-readable results (paths, or JSON with ``--json``). Progress bars
+are transient and disappear entirely when stderr is not a terminal, so logs from shell pipelines
+and CI stay clean. Stage modules never print: they take a ``Tracker`` and call ``track`` on their
+long loops; the CLI passes ``RichTracker`` and tests pass nothing (``NullTracker``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Protocol, TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+T = TypeVar("T")
+
+_console: Console | None = None
+_quiet = False
+
+
+def stderr_console() -> Console:
+    """The one stderr console; created on first use, not at import time."""
+    global _console
+    if _console is None:
+        _console = Console(stderr=True, highlight=False)
+    return _console
+
+
+def set_quiet(quiet: bool) -> None:
+    """With ``--quiet`` only errors reach stderr: no messages, tables or progress bars."""
+    global _quiet
+    _quiet = quiet
+
+
+def info(message: str) -> None:
+    """A message for the person at the terminal (stderr; silenced by ``--quiet``)."""
+    if not _quiet:
+        stderr_console().print(message)
+
+
+def show(renderable: object) -> None:
+    """A Rich table or other renderable on stderr (silenced by ``--quiet``)."""
+    if not _quiet:
+        stderr_console().print(renderable)
+
+
+class Tracker(Protocol):
+    """What a stage needs to report progress on a long loop."""
+
+    def track(self, items: Iterable[T], *, total: int, description: str) -> Iterator[T]: ...
+
+
+class NullTracker:
+    """Reports nothing; the default for library use and tests."""
+
+    def track(self, items: Iterable[T], *, total: int, description: str) -> Iterator[T]:
+        yield from items
+
+
+class RichTracker:
+    """Transient Rich progress bars on stderr, shown only when stderr is a terminal."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+
+    def track(self, items: Iterable[T], *, total: int, description: str) -> Iterator[T]:
+        task = self._progress.add_task(description, total=total)
+        try:
+            for item in items:
+                yield item
+                self._progress.advance(task)
+        finally:
+            self._progress.remove_task(task)
+
+
+@contextmanager
+def progress_tracker() -> Iterator[Tracker]:
+    """A tracker whose bars live for the duration of the ``with`` block."""
+    console = stderr_console()
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=_quiet or not console.is_terminal,
+    )
+    with progress:
+        yield RichTracker(progress)

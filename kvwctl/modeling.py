@@ -1,0 +1,228 @@
+"""Loading models with their real transformers classes, and reading knowledge coefficients.
+
+The knowledge coefficients of layer ``l`` are the absolute values of the input ``a`` of its
+down projection (``act(gate(h)) * up(h)`` for gated MLPs). ``CoefficientCollector`` puts a
+forward pre-hook on every down projection of the language model and, for each batch, adds up
+``|a|`` over the profiled positions of each sample, in float64 on the model's device.
+
+torch and transformers are imported inside functions so that ``kvwctl --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kvwctl.checkpoint import Checkpoint
+from kvwctl.conversation import ChatRenderer, RenderedSample, profiled_positions
+from kvwctl.data import Sample, load_image
+from kvwctl.errors import KvwError, ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES_HELP = "auto, cpu, cuda or cuda:N"
+
+
+def select_device(name: str) -> torch.device:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise KvwError(f"invalid --device {name!r}", hint=f"use {DEVICES_HELP}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise KvwError(f"unsupported --device {name!r}", hint=f"use {DEVICES_HELP}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KvwError(f"--device {name} was asked for but CUDA is not available", hint="use --device cpu")
+    return device
+
+
+def select_dtype(name: str, device: torch.device, config: dict[str, Any]) -> torch.dtype:
+    """``auto``: the checkpoint's dtype on a GPU; float32 on the CPU (half precision is slow there)."""
+    import torch
+
+    if name not in DTYPES:
+        raise KvwError(f"invalid --dtype {name!r}", hint=f"use one of {', '.join(DTYPES)}")
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cpu":
+        return torch.float32
+    stored = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+    return getattr(torch, stored) if stored in ("float32", "bfloat16", "float16") else torch.bfloat16
+
+
+@dataclass
+class LoadedModel:
+    checkpoint: Checkpoint
+    model: Any
+    renderer: ChatRenderer
+    down_projections: list[Any]  # the language model's down-projection modules, by layer
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_model(checkpoint: Checkpoint, *, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    import transformers
+
+    architecture = checkpoint.architecture
+    model_class = getattr(transformers, architecture.auto_class)
+    model = model_class.from_pretrained(checkpoint.path, dtype=dtype, trust_remote_code=False)
+    model.to(device).eval()
+    if architecture.multimodal:
+        processor = transformers.AutoProcessor.from_pretrained(checkpoint.path)
+    else:
+        processor = transformers.AutoTokenizer.from_pretrained(checkpoint.path)
+    modules = down_projection_modules(model, checkpoint)
+    return LoadedModel(
+        checkpoint=checkpoint,
+        model=model,
+        renderer=ChatRenderer(processor, multimodal=architecture.multimodal),
+        down_projections=modules,
+        device=device,
+        dtype=dtype,
+    )
+
+
+def down_projection_modules(model: Any, checkpoint: Checkpoint) -> list[Any]:
+    """The down-projection module of each decoder layer, found by the registry's module path."""
+    architecture = checkpoint.architecture
+    layers = model
+    for attribute in architecture.decoder_layers.split("."):
+        if not hasattr(layers, attribute):
+            raise ModelError(
+                f"{type(model).__name__} has no module {architecture.decoder_layers!r}; the registry "
+                f"entry for {architecture.model_type!r} does not fit this transformers version",
+            )
+        layers = getattr(layers, attribute)
+    if len(layers) != checkpoint.num_layers:
+        raise ModelError(
+            f"{architecture.decoder_layers} has {len(layers)} layers; the checkpoint has "
+            f"{checkpoint.num_layers} down-projection weights"
+        )
+    modules = []
+    for layer in layers:
+        module = layer
+        for attribute in architecture.down_proj.split("."):
+            module = getattr(module, attribute)
+        modules.append(module)
+    return modules
+
+
+@dataclass
+class EncodedBatch:
+    inputs: dict[str, Any]  # ready for model(**inputs), on the model's device
+    position_mask: torch.Tensor  # (batch, sequence) bool: the profiled positions
+    lengths: list[int]  # unpadded length of each row
+
+
+def encode_batch(loaded: LoadedModel, rendered: list[RenderedSample], *, positions: str) -> EncodedBatch:
+    """Tokenize a batch through the processor (right padding) and mark the profiled positions."""
+    import torch
+
+    renderer = loaded.renderer
+    flags = {item.add_special_tokens for item in rendered}
+    if len(flags) != 1:
+        raise ModelError("samples of one batch disagree on whether the template writes BOS")
+    kwargs: dict[str, Any] = dict(
+        text=[item.text for item in rendered],
+        return_tensors="pt",
+        padding=True,
+        padding_side="right",
+        add_special_tokens=flags.pop(),
+    )
+    images = [load_image(path) for item in rendered for path in item.sample.images]
+    if images:
+        kwargs["images"] = images
+    inputs = dict(renderer.processor(**kwargs))
+    input_ids = inputs["input_ids"]
+    attention_mask = inputs["attention_mask"]
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    lengths = []
+    for row, item in enumerate(rendered):
+        length = int(attention_mask[row].sum())
+        answer_start = length - item.suffix_length
+        # Everything from the last prompt token on must be exactly what the tokenizer gave alone;
+        # image expansion happens before it.
+        expected = list(item.token_ids[item.answer_start - 1 :])
+        if answer_start < 1 or input_ids[row, answer_start - 1 : length].tolist() != expected:
+            raise ModelError(
+                f"{item.sample.source}: cannot locate the answer of sample {item.sample.id!r} in the "
+                "processor's token sequence"
+            )
+        renderer.check_bos(input_ids[row, :2].tolist(), item.sample)
+        selected = profiled_positions(
+            positions, length=length, answer_start=answer_start, answer_length=item.answer_length
+        )
+        mask[row, selected.start : selected.stop] = True
+        lengths.append(length)
+    device_inputs = {name: value.to(loaded.device) if hasattr(value, "to") else value for name, value in inputs.items()}
+    for name, value in device_inputs.items():
+        if hasattr(value, "is_floating_point") and value.is_floating_point():
+            device_inputs[name] = value.to(loaded.dtype)
+    return EncodedBatch(inputs=device_inputs, position_mask=mask.to(loaded.device), lengths=lengths)
+
+
+class CoefficientCollector:
+    """Per-sample sums of ``|a|`` at the profiled positions, for every down projection.
+
+    Use as a context manager around forward passes; ``run(batch)`` returns, for each layer, a
+    float64 tensor of shape ``(batch, m)`` with the sums, and the number of profiled positions of
+    each sample (the same for every layer).
+    """
+
+    def __init__(self, modules: list[Any]) -> None:
+        self.modules = modules
+        self._handles: list[Any] = []
+        self._mask: torch.Tensor | None = None
+        self._sums: list[torch.Tensor | None] = [None] * len(modules)
+
+    def __enter__(self) -> CoefficientCollector:
+        for layer, module in enumerate(self.modules):
+            self._handles.append(module.register_forward_pre_hook(self._hook(layer)))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, layer: int) -> Any:
+        import torch
+
+        def hook(module: Any, args: tuple[Any, ...]) -> None:
+            activations = args[0]  # (batch, sequence, m): the input of the down projection
+            mask = self._mask
+            assert mask is not None, "CoefficientCollector.run sets the mask before the forward pass"
+            if activations.shape[:2] != mask.shape:
+                raise ModelError(
+                    f"down projection of layer {layer} saw input of shape {tuple(activations.shape)}; "
+                    f"expected (batch, sequence, m) = {tuple(mask.shape)} + (m,)"
+                )
+            rows = mask.nonzero()[:, 0]  # (positions,): the sample of each profiled position
+            selected = activations[mask].abs().to(torch.float64)  # (positions, m)
+            sums = torch.zeros(mask.shape[0], activations.shape[-1], dtype=torch.float64, device=activations.device)
+            self._sums[layer] = sums.index_add_(0, rows, selected)  # (batch, m)
+
+        return hook
+
+    def run(self, loaded: LoadedModel, batch: EncodedBatch) -> tuple[list[torch.Tensor], torch.Tensor]:
+        import torch
+
+        self._mask = batch.position_mask
+        self._sums = [None] * len(self.modules)
+        with torch.inference_mode():
+            loaded.model(**batch.inputs, use_cache=False, logits_to_keep=1)
+        sums = [layer_sums for layer_sums in self._sums if layer_sums is not None]
+        if len(sums) != len(self.modules):
+            raise ModelError("the forward pass did not run every decoder layer's down projection")
+        counts = batch.position_mask.sum(dim=1).to(torch.int64)  # (batch,)
+        return sums, counts
+
+
+def render_all(renderer: ChatRenderer, samples: list[Sample]) -> list[RenderedSample]:
+    """Render every sample before any forward pass, so that data errors come first."""
+    return [renderer.render(sample) for sample in samples]

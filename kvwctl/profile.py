@@ -1,0 +1,141 @@
+"""Stage 1: knowledge coefficients of a data split.
+
+    kvwctl profile --model M --data retain.jsonl --split retain --out profile-retain.safetensors
+
+Runs batched teacher-forced forward passes (the model's own processor and chat template, images
+included) and adds up ``|a|``, the absolute input of every down projection, over the profiled
+positions (DESIGN §1). Sums and counts are kept, not means, so that coefficients stay exactly
+token-pooled however the samples are later grouped:
+
+* a **retain** profile stores, per layer, ``layers.N.sum`` (m,) and one ``count`` () for the
+  pooled split — ``C_r = sum / count``;
+* a **forget** profile stores per-sample ``layers.N.sum`` (samples, m) and ``count`` (samples,),
+  so the accessor can form forget batches of any size.
+
+Sums are float64, accumulated on the model's device; padding is never profiled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kvwctl.artifacts import PROFILE_FORMAT, model_metadata, write_artifact
+from kvwctl.checkpoint import check_output_file, open_checkpoint, resolve_model
+from kvwctl.console import NullTracker, Tracker
+from kvwctl.conversation import POSITION_MODES
+from kvwctl.data import file_sha256, load_samples
+from kvwctl.errors import KvwError
+from kvwctl.modeling import CoefficientCollector, LoadedModel, encode_batch, load_model, render_all, select_device, select_dtype
+
+if TYPE_CHECKING:
+    import torch
+
+SPLITS = ("retain", "forget")
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    path: Path
+    split: str
+    num_samples: int
+    num_positions: int
+    num_layers: int
+    fingerprint: str
+
+
+def collect_sums(
+    loaded: LoadedModel,
+    rendered: list,
+    *,
+    positions: str,
+    batch_size: int,
+    tracker: Tracker,
+    description: str,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-sample float64 sums ``(samples, m)`` for every layer, and counts ``(samples,)``."""
+    import torch
+
+    layer_sums: list[list[torch.Tensor]] = [[] for _ in loaded.down_projections]
+    counts: list[torch.Tensor] = []
+    batches = [rendered[start : start + batch_size] for start in range(0, len(rendered), batch_size)]
+    with CoefficientCollector(loaded.down_projections) as collector:
+        for batch in tracker.track(batches, total=len(batches), description=description):
+            sums, batch_counts = collector.run(loaded, encode_batch(loaded, batch, positions=positions))
+            for layer, layer_batch in enumerate(sums):
+                layer_sums[layer].append(layer_batch)
+            counts.append(batch_counts)
+    # (samples, m) per layer; (samples,)
+    return [torch.cat(chunks) for chunks in layer_sums], torch.cat(counts)
+
+
+def run_profile(
+    model: str,
+    data: Path,
+    out: Path,
+    *,
+    split: str,
+    revision: str | None = None,
+    positions: str = "answer",
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "auto",
+    force: bool = False,
+    tracker: Tracker | None = None,
+) -> ProfileResult:
+    import torch
+
+    tracker = tracker or NullTracker()
+    if split not in SPLITS:
+        raise KvwError(f"invalid --split {split!r}", hint="use retain or forget")
+    if positions not in POSITION_MODES:
+        raise KvwError(f"invalid --positions {positions!r}", hint=f"use one of {', '.join(POSITION_MODES)}")
+    if batch_size < 1:
+        raise KvwError(f"--batch-size must be at least 1, got {batch_size}")
+    check_output_file(out, force=force)
+    samples = load_samples(data)
+    checkpoint = open_checkpoint(resolve_model(model, revision))
+    fingerprint = checkpoint.fingerprint()
+    torch_device = select_device(device)
+    torch_dtype = select_dtype(dtype, torch_device, checkpoint.config)
+    loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
+    rendered = render_all(loaded.renderer, samples)
+
+    sums, counts = collect_sums(
+        loaded, rendered, positions=positions, batch_size=batch_size, tracker=tracker, description=f"profile {split}"
+    )
+    tensors: dict[str, torch.Tensor] = {}
+    if split == "retain":
+        for layer, layer_sums in enumerate(sums):
+            tensors[f"layers.{layer}.sum"] = layer_sums.sum(dim=0).cpu()  # (m,)
+        tensors["count"] = counts.sum().cpu()  # ()
+    else:
+        for layer, layer_sums in enumerate(sums):
+            tensors[f"layers.{layer}.sum"] = layer_sums.cpu()  # (samples, m)
+        tensors["count"] = counts.cpu()  # (samples,)
+    metadata = {
+        "format": PROFILE_FORMAT,
+        **model_metadata(checkpoint, fingerprint),
+        "split": split,
+        "data": str(data),
+        "data_sha256": file_sha256(data),
+        "num_samples": str(len(samples)),
+        "num_positions": str(int(counts.sum())),
+        "positions": positions,
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "accumulation_dtype": "float64",
+        "batch_size": str(batch_size),
+        "device": str(torch_device),
+        "sample_ids": json.dumps([sample.id for sample in samples]),
+    }
+    write_artifact(out, tensors, metadata)
+    return ProfileResult(
+        path=out,
+        split=split,
+        num_samples=len(samples),
+        num_positions=int(counts.sum()),
+        num_layers=checkpoint.num_layers,
+        fingerprint=fingerprint,
+    )
