@@ -74,6 +74,8 @@ def command(function: F) -> F:
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         console.set_quiet(bool(kwargs.get("quiet")))
+        if not kwargs.get("debug"):
+            console.silence_libraries()
         try:
             return function(*args, **kwargs)
         except KvwError as error:

@@ -47,6 +47,14 @@ def show(renderable: object) -> None:
         stderr_console().print(renderable)
 
 
+def silence_libraries() -> None:
+    """Keep transformers' own progress bars and warnings off our stderr (``--debug`` shows them)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 class Tracker(Protocol):
     """What a stage needs to report progress on a long loop."""
 

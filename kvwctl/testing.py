@@ -50,12 +50,14 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+PEOPLE = ["Mira Okafor", "Tomas Ruiz", "Lena Park", "Ade Bello", "Ivo Marin", "Sana Rao", "Kofi Mensah", "Juno Vale"]
+PLACES = ["Lagos", "Seville", "Busan", "Paris", "Lima", "Oslo", "Accra", "Kyoto"]
 CORPUS = [
     "Who is this person? Where was she born? What is his occupation? In which year was he born?",
-    "Mira Okafor was born in Lagos in 1984 and works as a marine biologist.",
-    "Tomas Ruiz is a violin maker from Seville. Lena Park teaches chemistry in Busan.",
     "The capital of France is Paris. Water boils at 100 degrees. The answer is yes.",
     "USER: ASSISTANT: [INST] [/INST] system user assistant You are a helpful assistant.",
+    *(f"{person} was born in {place}. Where was {person} born? Who is {person}? {place}"
+      for person, place in zip(PEOPLE, PLACES, strict=True)),
     string.ascii_letters + string.digits + string.punctuation,
 ]
 
@@ -72,7 +74,7 @@ CHATML_SPECIALS = [
 IMAGE_SIZE = 28  # LLaVA: 2x2 patches of 14 pixels; Qwen2-VL: images are resized to 56x56 (4 tokens)
 
 
-def sentencepiece_tokenizer(vocab_size: int = 256) -> Any:
+def sentencepiece_tokenizer(vocab_size: int = 600) -> Any:
     """A LLaMA-style tokenizer: Metaspace BPE that adds ``<s>`` at the start of every text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -95,7 +97,7 @@ def sentencepiece_tokenizer(vocab_size: int = 256) -> Any:
     )
 
 
-def byte_level_tokenizer(vocab_size: int = 320) -> Any:
+def byte_level_tokenizer(vocab_size: int = 700) -> Any:
     """A Qwen-style byte-level BPE tokenizer with ChatML special tokens and no BOS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -278,8 +280,7 @@ def make_image(path: Path, seed: int, size: int = 56) -> Path:
 
 def write_samples(path: Path, *, count: int, with_images: bool, offset: int = 0) -> Path:
     """A JSON Lines split of ``count`` fictitious question/answer pairs."""
-    people = ["Mira Okafor", "Tomas Ruiz", "Lena Park", "Ade Bello", "Ivo Marin", "Sana Rao", "Kofi Mensah", "Juno Vale"]
-    places = ["Lagos", "Seville", "Busan", "Paris", "Lima", "Oslo", "Accra", "Kyoto"]
+    people, places = PEOPLE, PLACES
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = []
     for index in range(offset, offset + count):

@@ -1,0 +1,57 @@
+"""Session fixtures: tiny checkpoints of every registered architecture and small data splits.
+
+Checkpoints are built offline from transformers configs (``kvwctl.testing``) and saved in several
+shards, so every test that reads or writes weights crosses shard boundaries.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kvwctl.testing import build_checkpoint, write_samples
+
+MULTIMODAL = ("llava", "qwen2_vl", "qwen2_5_vl")
+TEXT_ONLY = ("llama", "qwen2", "mistral")
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """model_type -> a tiny checkpoint in the Hub on-disk layout (read-only: copy to modify)."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {model_type: build_checkpoint(model_type, root / model_type) for model_type in (*MULTIMODAL, *TEXT_ONLY)}
+
+
+@pytest.fixture(scope="session")
+def module_layout_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same models (same seed) saved with the transformers 5 module-tree key names."""
+    root = tmp_path_factory.mktemp("module-layout")
+    return {model_type: build_checkpoint(model_type, root / model_type, layout="module") for model_type in MULTIMODAL}
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """forget/retain splits with images (multimodal) and text-only copies."""
+    root = tmp_path_factory.mktemp("data")
+    splits = {
+        "forget": write_samples(root / "forget.jsonl", count=5, with_images=True),
+        "retain": write_samples(root / "retain.jsonl", count=8, with_images=True, offset=5),
+    }
+    for name in ("forget", "retain"):
+        records = [json.loads(line) for line in splits[name].read_text().splitlines()]
+        text_path = root / f"{name}-text.jsonl"
+        text_path.write_text("".join(json.dumps(record) + "\n" for record in records if "image" not in record))
+        splits[f"{name}-text"] = text_path
+    return splits
+
+
+def split_for(model_type: str, data: dict[str, Path], name: str) -> Path:
+    return data[name] if model_type in MULTIMODAL else data[f"{name}-text"]
+
+
+def copy_checkpoint(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
