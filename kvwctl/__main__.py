@@ -1,0 +1,3 @@
+from kvwctl.cli import main
+
+main()

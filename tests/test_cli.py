@@ -1,0 +1,241 @@
+"""The command line: both configuration forms, stdout/stderr conventions, every error path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import copy_checkpoint
+from typer.testing import CliRunner
+
+from kvwctl.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str | Path):
+    return runner.invoke(app, [str(arg) for arg in args])
+
+
+def test_help_lists_commands_without_importing_torch() -> None:
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from kvwctl.cli import app\n"
+        "result = CliRunner().invoke(app, ['--help'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "assert all(name in result.output for name in ('profile', 'accessor', 'apply'))\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_pipeline_from_kvw_toml(checkpoints, data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "kvw.toml").write_text(
+        f'model = "{checkpoints["llava"]}"\nworkdir = "run"\n\n[splits]\n'
+        f'forget = "{data["forget"]}"\nretain = "{data["retain"]}"\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    retain = invoke("profile", "--split", "retain")
+    assert retain.exit_code == 0, retain.output
+    assert retain.stdout.strip() == str(tmp_path / "run/profile-retain.safetensors")  # stdout: only the result
+    assert "model" in retain.stderr and str(data["retain"]) in retain.stderr  # resolved inputs on stderr
+    assert invoke("profile", "--split", "forget").exit_code == 0
+    accessor = invoke("accessor")
+    assert accessor.exit_code == 0, accessor.output
+    assert accessor.stdout.strip() == str(tmp_path / "run/accessor.safetensors")
+    assert "A > 0" in accessor.stderr
+    applied = invoke("apply", "--gamma", "0.02", "--layers", "1:2", "--json")
+    assert applied.exit_code == 0, applied.output
+    summary = json.loads(applied.stdout)
+    assert summary["path"] == str(tmp_path / "run/unlearned")
+    assert summary["manifest"]["layers"] == [1, 2]
+    assert "Layers edited: [1, 2]" in applied.stderr
+    assert (tmp_path / "run" / "unlearned" / "kvw_manifest.json").is_file()
+
+
+def test_pipeline_from_flags(checkpoints, data, tmp_path: Path) -> None:
+    model = checkpoints["qwen2_vl"]
+    r, f, a = tmp_path / "r.safetensors", tmp_path / "f.safetensors", tmp_path / "a.safetensors"
+    assert invoke("profile", "--model", model, "--data", data["retain"], "--split", "retain", "--out", r).exit_code == 0
+    assert invoke("profile", "--model", model, "--data", data["forget"], "--split", "forget", "--out", f, "--quiet").stderr == ""
+    assert invoke("accessor", "--forget", f, "--retain", r, "--out", a, "--batch-size", "2").exit_code == 0
+    one_shot = invoke("apply", "--model", model, "--accessor", a, "--gamma", "0.02", "--layers", ":2", "--out", tmp_path / "o")
+    assert one_shot.exit_code == 0, one_shot.output
+    assert one_shot.stdout.strip() == str(tmp_path / "o")
+    progressive = invoke(
+        "apply", "--model", model, "--progressive", "--forget-data", data["forget"], "--retain", r,
+        "--gamma", "0.02", "--layers", "2:", "--out", tmp_path / "p",
+    )
+    assert progressive.exit_code == 0, progressive.output
+    assert "Layers edited: [2, 3]" in progressive.stderr
+    assert (tmp_path / "p.exposure.safetensors").is_file()
+
+
+def expect_error(result, message: str, exit_code: int = 1) -> None:
+    assert result.exit_code == exit_code, result.output
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+
+
+def test_missing_model_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    expect_error(invoke("profile", "--split", "retain"), "missing --model", exit_code=2)
+
+
+def test_unknown_config_key(tmp_path: Path) -> None:
+    (tmp_path / "kvw.toml").write_text('modle = "x"\n')
+    expect_error(invoke("accessor", "--config", tmp_path / "kvw.toml"), "unknown key 'modle'")
+
+
+def test_unknown_model_type_lists_supported(checkpoints, data, tmp_path: Path) -> None:
+    model = copy_checkpoint(checkpoints["qwen2"], tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
+    result = invoke("profile", "--model", model, "--data", data["retain-text"], "--split", "retain", "--out", tmp_path / "r")
+    expect_error(result, "unsupported model_type 'gpt_neox'")
+    assert "llava, mistral, qwen2, qwen2_5_vl, qwen2_vl" in result.stderr.replace("\n", " ").replace("  ", " ")
+
+
+def test_bad_data_names_file_and_line(checkpoints, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "Q?", "answer": "A"}\n{"question": "", "answer": "A"}\nnot json\n')
+    result = invoke("profile", "--model", checkpoints["qwen2"], "--data", bad, "--split", "retain", "--out", tmp_path / "r")
+    expect_error(result, f"{bad}:2: question: required")
+    assert f"{bad}:3: invalid JSON" in result.stderr
+
+
+def test_unlocatable_answer_names_the_sample(checkpoints, tmp_path: Path) -> None:
+    model = copy_checkpoint(checkpoints["qwen2"], tmp_path / "m")
+    template = (model / "chat_template.jinja").read_text()
+    (model / "chat_template.jinja").write_text(template.replace("{{ message['content'] }}", "{{ message['content'] | upper }}"))
+    samples = tmp_path / "s.jsonl"
+    samples.write_text('{"id": "upper-1", "question": "Who?", "answer": "Mira Okafor"}\n')
+    result = invoke("profile", "--model", model, "--data", samples, "--split", "forget", "--out", tmp_path / "f")
+    expect_error(result, "cannot locate the answer of sample 'upper-1'")
+
+
+def test_images_for_a_text_only_model(checkpoints, data, tmp_path: Path) -> None:
+    result = invoke("profile", "--model", checkpoints["qwen2"], "--data", data["forget"], "--split", "forget", "--out", tmp_path / "f")
+    expect_error(result, "the model is text-only and cannot take images")
+
+
+def test_invalid_options(checkpoints, data, tmp_path: Path) -> None:
+    base = ["profile", "--model", checkpoints["qwen2"], "--data", data["retain-text"], "--out", tmp_path / "r"]
+    expect_error(invoke(*base, "--split", "retain", "--positions", "every"), "invalid --positions 'every'")
+    expect_error(invoke(*base, "--split", "test"), "invalid --split 'test'")
+    expect_error(invoke(*base, "--split", "retain", "--device", "cuda:0"), "CUDA is not available")
+
+
+@pytest.fixture(scope="module")
+def profiles(checkpoints, data, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli-profiles")
+    paths = {}
+    for model_type in ("qwen2", "llama"):
+        for split in ("retain", "forget"):
+            out = root / f"{model_type}-{split}.safetensors"
+            result = invoke("profile", "--model", checkpoints[model_type], "--data", data[f"{split}-text"], "--split", split, "--out", out)
+            assert result.exit_code == 0, result.output
+            paths[f"{model_type}-{split}"] = out
+    accessor = root / "qwen2-accessor.safetensors"
+    assert invoke("accessor", "--forget", paths["qwen2-forget"], "--retain", paths["qwen2-retain"], "--out", accessor).exit_code == 0
+    paths["qwen2-accessor"] = accessor
+    return paths
+
+
+def test_accessor_refuses_profiles_of_different_models(profiles, tmp_path: Path) -> None:
+    result = invoke("accessor", "--forget", profiles["qwen2-forget"], "--retain", profiles["llama-retain"], "--out", tmp_path / "a")
+    expect_error(result, "were made from different models")
+
+
+def test_accessor_refuses_wrong_formats_and_splits(profiles, tmp_path: Path) -> None:
+    result = invoke("accessor", "--forget", profiles["qwen2-accessor"], "--retain", profiles["qwen2-retain"], "--out", tmp_path / "a")
+    expect_error(result, "has format kvwctl.accessor/1; expected kvwctl.profile/1")
+    swapped = invoke("accessor", "--forget", profiles["qwen2-retain"], "--retain", profiles["qwen2-forget"], "--out", tmp_path / "a")
+    expect_error(swapped, "is a retain profile; expected a forget profile")
+    expect_error(invoke("accessor", "--forget", tmp_path / "none", "--retain", profiles["qwen2-retain"]), "does not exist")
+
+
+def test_apply_errors(checkpoints, profiles, tmp_path: Path) -> None:
+    accessor = profiles["qwen2-accessor"]
+    expect_error(
+        invoke("apply", "--model", checkpoints["llama"], "--accessor", accessor, "--out", tmp_path / "o"),
+        "was made from",
+    )
+    expect_error(
+        invoke("apply", "--model", checkpoints["qwen2"], "--accessor", accessor, "--layers", "2:26", "--out", tmp_path / "o"),
+        "layer 4 in '2:26' is out of range",
+    )
+    expect_error(
+        invoke("apply", "--model", checkpoints["qwen2"], "--accessor", accessor, "--out", checkpoints["qwen2"] / "sub"),
+        "overlaps the input",
+    )
+    expect_error(invoke("apply", "--model", checkpoints["qwen2"], "--accessor", accessor, "--gamma", "-1"), "--gamma must be")
+    usage = invoke("apply", "--model", checkpoints["qwen2"], "--accessor", accessor, "--retain", accessor)
+    assert usage.exit_code == 2 and "--retain applies to --progressive only" in usage.output
+
+
+def test_apply_refuses_existing_output_and_replaces_it_with_force(checkpoints, profiles, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    args = ["apply", "--model", checkpoints["qwen2"], "--accessor", profiles["qwen2-accessor"], "--out", out]
+    expect_error(invoke(*args), "already exists")
+    assert (out / "old.txt").is_file()
+    assert invoke(*args, "--force").exit_code == 0
+    assert not (out / "old.txt").exists() and (out / "kvw_manifest.json").is_file()
+    assert [path.name for path in tmp_path.iterdir()] == ["o"]  # no staging directories left behind
+
+
+def test_failed_apply_leaves_nothing_half_written(checkpoints, profiles, tmp_path: Path, monkeypatch) -> None:
+    import kvwctl.apply
+
+    calls = []
+
+    def failing_copy(source, target, patches):
+        calls.append(source)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return original(source, target, patches)
+
+    original = kvwctl.apply.copy_patched_shard
+    monkeypatch.setattr(kvwctl.apply, "copy_patched_shard", failing_copy)
+    with pytest.raises(OSError):
+        kvwctl.apply.run_apply(str(checkpoints["qwen2"]), profiles["qwen2-accessor"], tmp_path / "o", gamma=1.0, layers=":")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_exits_130(checkpoints, profiles, tmp_path: Path, monkeypatch) -> None:
+    import kvwctl.accessor
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kvwctl.accessor, "run_accessor", interrupted)
+    result = invoke("accessor", "--forget", profiles["qwen2-forget"], "--retain", profiles["qwen2-retain"], "--out", tmp_path / "a")
+    assert result.exit_code == 130
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    result = invoke("accessor", "--forget", tmp_path / "none", "--retain", tmp_path / "none2", "--debug")
+    assert result.exit_code == 1
+    assert result.exception is not None and "does not exist" in str(result.exception)
+
+
+def test_entry_point_exit_codes(tmp_path: Path) -> None:
+    """The installed console script, as a shell pipeline sees it."""
+    env = {**os.environ, "NO_COLOR": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "kvwctl", "accessor", "--forget", str(tmp_path / "x"), "--retain", str(tmp_path / "y")],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )
+    assert completed.returncode == 1
+    assert completed.stdout == ""
+    assert f"Error: {tmp_path / 'x'} does not exist" in completed.stderr.splitlines()
+    usage = subprocess.run([sys.executable, "-m", "kvwctl", "apply", "--gamma", "x"], capture_output=True, text=True)
+    assert usage.returncode == 2
