@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kvwctl import __version__
 from kvwctl.artifacts import (
     ACCESSOR_FORMAT,
     PROFILE_FORMAT,
@@ -30,7 +31,6 @@ from kvwctl.artifacts import (
     read_artifact,
     write_artifact,
 )
-from kvwctl import __version__
 from kvwctl.checkpoint import check_output_file
 from kvwctl.data import file_sha256
 from kvwctl.errors import ArtifactError, KvwError
@@ -71,7 +71,10 @@ def batch_accessors(
 
     return torch.stack(
         [
-            forget_accessor(pooled_coefficient(forget_sums[batch.start : batch.stop], forget_counts[batch.start : batch.stop]), retain)
+            forget_accessor(
+                pooled_coefficient(forget_sums[batch.start : batch.stop], forget_counts[batch.start : batch.stop]),
+                retain,
+            )
             for batch in batches
         ]
     )
@@ -168,7 +171,10 @@ def run_accessor(
             tensors[f"layers.{layer}.batch_accessor"] = accessors.float()
     metadata = {
         "format": ACCESSOR_FORMAT,
-        **{key: forget.metadata[key] for key in ("model", "model_revision", "model_fingerprint", "model_type", "num_layers")},
+        **{
+            key: forget.metadata[key]
+            for key in ("model", "model_revision", "model_fingerprint", "model_type", "num_layers")
+        },
         "tool_version": __version__,
         "created": now(),
         "mode": "one-shot",

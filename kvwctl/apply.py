@@ -31,10 +31,10 @@ from kvwctl.artifacts import ACCESSOR_FORMAT, PROFILE_FORMAT, check_fits_model, 
 from kvwctl.checkpoint import (
     MANIFEST_FILE,
     Checkpoint,
+    carry_over_files,
     check_output_dir,
     check_output_file,
     copy_patched_shard,
-    carry_over_files,
     open_checkpoint,
     resolve_model,
 )
@@ -64,7 +64,9 @@ def scale_vectors(weight: torch.Tensor, gate: torch.Tensor, *, axis: int) -> tor
     0 for ``Conv1D`` weights ``(m, d_model)`` (rows).
     """
     if weight.shape[axis] != gate.numel():
-        raise ValueError(f"weight {tuple(weight.shape)} has {weight.shape[axis]} vectors on axis {axis}, gate has {gate.numel()}")
+        raise ValueError(
+            f"weight {tuple(weight.shape)} has {weight.shape[axis]} vectors on axis {axis}, gate has {gate.numel()}"
+        )
     shape = [1, 1]
     shape[axis] = -1
     return (weight.float() * gate.to(weight.device).float().reshape(shape)).to(weight.dtype)
@@ -297,7 +299,10 @@ def run_progressive(
 
     metadata = {
         "format": ACCESSOR_FORMAT,
-        **{key: retain.metadata[key] for key in ("model", "model_revision", "model_fingerprint", "model_type", "num_layers")},
+        **{
+            key: retain.metadata[key]
+            for key in ("model", "model_revision", "model_fingerprint", "model_type", "num_layers")
+        },
         "tool_version": __version__,
         "created": now(),
         "mode": "progressive",
@@ -340,5 +345,7 @@ def run_progressive(
         provenance=provenance,
         tracker=tracker,
     )
-    write_artifact(exposure_path, {f"layers.{layer}.exposure": exposure for layer, exposure in enumerate(exposures)}, metadata)
+    write_artifact(
+        exposure_path, {f"layers.{layer}.exposure": exposure for layer, exposure in enumerate(exposures)}, metadata
+    )
     return result

@@ -48,6 +48,7 @@ class Architecture:
 
 _DOWN = r"\.layers\.(?P<layer>\d+)\.mlp\.down_proj\.weight"
 
+
 def _text_only(model_type: str, description: str) -> Architecture:
     return Architecture(
         model_type=model_type,

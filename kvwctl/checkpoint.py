@@ -95,8 +95,7 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ModelSource:
     except LocalEntryNotFoundError:
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
         raise ModelError(
-            f"{repo_id}{'@' + revision if revision else ''} is not in the Hub cache and cannot be "
-            f"downloaded{offline}",
+            f"{repo_id}{'@' + revision if revision else ''} is not in the Hub cache and cannot be downloaded{offline}",
             hint="download it once with network access, or pass a local checkpoint directory",
         ) from None
     except HfHubHTTPError as error:

@@ -42,14 +42,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", help="kvw.toml to read defaults from [default: ./kvw.toml if present]")
 ]
-ModelOption = Annotated[str | None, typer.Option("--model", help="Hub id or local checkpoint directory [kvw.toml: model]")]
+ModelOption = Annotated[
+    str | None, typer.Option("--model", help="Hub id or local checkpoint directory [kvw.toml: model]")
+]
 RevisionOption = Annotated[
     str | None, typer.Option("--revision", help="Hub branch, tag or commit [kvw.toml: revision]")
 ]
 DeviceOption = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N [default: auto]")]
 DtypeOption = Annotated[
     str | None,
-    typer.Option("--dtype", help="auto, float32, bfloat16 or float16 [default: auto: stored dtype on GPU, float32 on CPU]"),
+    typer.Option(
+        "--dtype", help="auto, float32, bfloat16 or float16 [default: auto: stored dtype on GPU, float32 on CPU]"
+    ),
 ]
 ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of the output path.")]
@@ -105,7 +109,8 @@ def _emit(path: Path, summary: dict[str, Any], as_json: bool) -> None:
 def _show_inputs(title: str, values: dict[str, Any]) -> None:
     table = Table(title=title, show_header=False, title_justify="left", box=None, pad_edge=False)
     for key, value in values.items():
-        table.add_row(f"  {key}", str(value))
+        if value is not None:
+            table.add_row(f"  {key}", str(value))
     console.show(table)
 
 
@@ -128,7 +133,9 @@ def profile(
         Path | None, typer.Option("--out", help="Output file [default: <workdir>/profile-<split>.safetensors]")
     ] = None,
     positions: PositionsOption = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Samples per forward pass [default: 8]")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Samples per forward pass [default: 8]")
+    ] = None,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
     force: ForceOption = False,
@@ -159,8 +166,17 @@ def profile(
         f"Profiled {result.num_samples} samples, {result.num_positions} positions, {result.num_layers} layers "
         f"-> {result.path}"
     )
-    _emit(result.path, {"split": split, "samples": result.num_samples, "positions": result.num_positions,
-                        "layers": result.num_layers, "model_fingerprint": result.fingerprint}, json_output)
+    _emit(
+        result.path,
+        {
+            "split": split,
+            "samples": result.num_samples,
+            "positions": result.num_positions,
+            "layers": result.num_layers,
+            "model_fingerprint": result.fingerprint,
+        },
+        json_output,
+    )
 
 
 @command
@@ -171,7 +187,9 @@ def accessor(
     retain: Annotated[
         Path | None, typer.Option("--retain", help="Retain profile [default: <workdir>/profile-retain.safetensors]")
     ] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Output file [default: <workdir>/accessor.safetensors]")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output file [default: <workdir>/accessor.safetensors]")
+    ] = None,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="Forget samples per accessor batch [default: 1, as the paper]")
     ] = None,
@@ -192,7 +210,9 @@ def accessor(
     batch_size = _default(batch_size, project.forget_batch_size, 1)
     _show_inputs("accessor", {"forget": forget, "retain": retain, "out": out, "batch_size": batch_size})
     result = run_accessor(forget, retain, out, batch_size=batch_size, save_batches=save_batches, force=force)
-    table = Table(title=f"exposure over {result.num_batches} forget batches of {result.batch_size}", title_justify="left")
+    table = Table(
+        title=f"exposure over {result.num_batches} forget batches of {result.batch_size}", title_justify="left"
+    )
     for column in ("layer", "vectors", "A > 0", "max E", "mean E"):
         table.add_column(column, justify="right")
     for summary in result.layers:
@@ -204,8 +224,15 @@ def accessor(
             f"{summary.mean_exposure:.4g}",
         )
     console.show(table)
-    _emit(result.path, {"batches": result.num_batches, "batch_size": result.batch_size,
-                        "layers": [vars(summary) for summary in result.layers]}, json_output)
+    _emit(
+        result.path,
+        {
+            "batches": result.num_batches,
+            "batch_size": result.batch_size,
+            "layers": [vars(summary) for summary in result.layers],
+        },
+        json_output,
+    )
 
 
 @command
@@ -215,12 +242,16 @@ def apply(
     accessor_path: Annotated[
         Path | None, typer.Option("--accessor", help="Accessor file [default: <workdir>/accessor.safetensors]")
     ] = None,
-    gamma: Annotated[float | None, typer.Option("--gamma", help="Weakening strength [kvw.toml: gamma; default: 0.02]")] = None,
+    gamma: Annotated[
+        float | None, typer.Option("--gamma", help="Weakening strength [kvw.toml: gamma; default: 0.02]")
+    ] = None,
     layers: Annotated[
         str | None,
         typer.Option("--layers", help="Decoder layers, inclusive and 0-based: 2:26, :26, 2:, 0,3,5 [default: all]"),
     ] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Output checkpoint directory [default: <workdir>/unlearned]")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output checkpoint directory [default: <workdir>/unlearned]")
+    ] = None,
     progressive: Annotated[
         bool, typer.Option("--progressive", help="Algorithm 1: re-profile the weakened model after every forget batch.")
     ] = False,
@@ -229,14 +260,19 @@ def apply(
     ] = None,
     retain: Annotated[
         Path | None,
-        typer.Option("--retain", help="Retain profile, for --progressive [default: <workdir>/profile-retain.safetensors]"),
+        typer.Option(
+            "--retain", help="Retain profile, for --progressive [default: <workdir>/profile-retain.safetensors]"
+        ),
     ] = None,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="Forget samples per batch, for --progressive [default: 1]")
     ] = None,
     exposure_out: Annotated[
         Path | None,
-        typer.Option("--exposure-out", help="Where --progressive writes the exposure it applied [default: <out>.exposure.safetensors]"),
+        typer.Option(
+            "--exposure-out",
+            help="Where --progressive writes the exposure it applied [default: <out>.exposure.safetensors]",
+        ),
     ] = None,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
@@ -269,23 +305,48 @@ def apply(
             device=device,
             dtype=_default(dtype, project.dtype, "auto"),
         )
-        _show_inputs("apply --progressive", {"model": model, "forget_data": forget_data, "retain": retain, "out": out, **settings})
+        _show_inputs(
+            "apply --progressive",
+            {"model": model, "forget_data": forget_data, "retain": retain, "out": out, **settings},
+        )
         with console.progress_tracker() as tracker:
             result = run_progressive(
                 model, forget_data, retain, out, force=force, exposure_out=exposure_out, tracker=tracker, **settings
             )
     else:
-        for flag, value in (("--forget-data", forget_data), ("--retain", retain), ("--batch-size", batch_size),
-                            ("--exposure-out", exposure_out), ("--dtype", dtype)):
+        for flag, value in (
+            ("--forget-data", forget_data),
+            ("--retain", retain),
+            ("--batch-size", batch_size),
+            ("--exposure-out", exposure_out),
+            ("--dtype", dtype),
+        ):
             if value is not None:
                 raise typer.BadParameter(f"{flag} applies to --progressive only", param_hint=flag)
         accessor_path = accessor_path or project.workdir / "accessor.safetensors"
-        _show_inputs("apply", {"model": model, "accessor": accessor_path, "out": out, "gamma": gamma,
-                               "layers": layers, "revision": revision, "device": device})
+        _show_inputs(
+            "apply",
+            {
+                "model": model,
+                "accessor": accessor_path,
+                "out": out,
+                "gamma": gamma,
+                "layers": layers,
+                "revision": revision,
+                "device": device,
+            },
+        )
         with console.progress_tracker() as tracker:
             result = run_apply(
-                model, accessor_path, out, gamma=gamma, layers=layers, revision=revision, device=device,
-                force=force, tracker=tracker,
+                model,
+                accessor_path,
+                out,
+                gamma=gamma,
+                layers=layers,
+                revision=revision,
+                device=device,
+                force=force,
+                tracker=tracker,
             )
     manifest = result.manifest
     console.info(f"Layers edited: {manifest['layers']}")
@@ -293,7 +354,9 @@ def apply(
     for column in ("layer", "vectors", "scaled", "min gate", "mean gate"):
         table.add_column(column, justify="right")
     for layer, stats in manifest["per_layer"].items():
-        table.add_row(layer, str(stats["vectors"]), str(stats["scaled"]), f"{stats['min_gate']:.4g}", f"{stats['mean_gate']:.6f}")
+        table.add_row(
+            layer, str(stats["vectors"]), str(stats["scaled"]), f"{stats['min_gate']:.4g}", f"{stats['mean_gate']:.6f}"
+        )
     console.show(table)
     console.info(f"Wrote {result.path}")
     _emit(result.path, {"manifest": manifest}, json_output)

@@ -28,7 +28,15 @@ from kvwctl.console import NullTracker, Tracker
 from kvwctl.conversation import POSITION_MODES
 from kvwctl.data import file_sha256, load_samples
 from kvwctl.errors import KvwError
-from kvwctl.modeling import CoefficientCollector, LoadedModel, encode_batch, load_model, render_all, select_device, select_dtype
+from kvwctl.modeling import (
+    CoefficientCollector,
+    LoadedModel,
+    encode_batch,
+    load_model,
+    render_all,
+    select_device,
+    select_dtype,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -85,7 +93,6 @@ def run_profile(
     force: bool = False,
     tracker: Tracker | None = None,
 ) -> ProfileResult:
-    import torch
 
     tracker = tracker or NullTracker()
     if split not in SPLITS:

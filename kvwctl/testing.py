@@ -56,8 +56,10 @@ CORPUS = [
     "Who is this person? Where was she born? What is his occupation? In which year was he born?",
     "The capital of France is Paris. Water boils at 100 degrees. The answer is yes.",
     "USER: ASSISTANT: [INST] [/INST] system user assistant You are a helpful assistant.",
-    *(f"{person} was born in {place}. Where was {person} born? Who is {person}? {place}"
-      for person, place in zip(PEOPLE, PLACES, strict=True)),
+    *(
+        f"{person} was born in {place}. Where was {person} born? Who is {person}? {place}"
+        for person, place in zip(PEOPLE, PLACES, strict=True)
+    ),
     string.ascii_letters + string.digits + string.punctuation,
 ]
 
@@ -148,6 +150,10 @@ def build(model_type: str, seed: int = 0) -> tuple[Any, Any]:
     import transformers as tf
 
     torch.manual_seed(seed)
+    config: Any
+    vision: Any
+    processor: Any
+    processor_class: Any
     if model_type in ("llama", "mistral"):
         tokenizer = sentencepiece_tokenizer()
         tokenizer.chat_template = LLAMA_TEMPLATE if model_type == "llama" else MISTRAL_TEMPLATE
@@ -162,10 +168,15 @@ def build(model_type: str, seed: int = 0) -> tuple[Any, Any]:
     if model_type == "llava":
         tokenizer = sentencepiece_tokenizer()
         vision = tf.CLIPVisionConfig(
-            hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
-            image_size=IMAGE_SIZE, patch_size=14, projection_dim=16,
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=IMAGE_SIZE,
+            patch_size=14,
+            projection_dim=16,
         )
-        config = tf.LlavaConfig(
+        config = tf.LlavaConfig(  # type: ignore[call-arg]
             text_config=tf.LlamaConfig(**_text_config(tokenizer)),
             vision_config=vision,
             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -186,23 +197,54 @@ def build(model_type: str, seed: int = 0) -> tuple[Any, Any]:
         return model, processor
     if model_type in ("qwen2_vl", "qwen2_5_vl"):
         tokenizer = byte_level_tokenizer()
-        ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
-            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
-        )}
+        ids = {
+            name: tokenizer.convert_tokens_to_ids(token)
+            for name, token in (
+                ("image_token_id", "<|image_pad|>"),
+                ("video_token_id", "<|video_pad|>"),
+                ("vision_start_token_id", "<|vision_start|>"),
+                ("vision_end_token_id", "<|vision_end|>"),
+            )
+        }
         text = _text_config(tokenizer, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
         if model_type == "qwen2_vl":
-            vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
-                          spatial_merge_size=2, temporal_patch_size=2)
+            vision = dict(
+                depth=1,
+                embed_dim=16,
+                hidden_size=32,
+                num_heads=2,
+                mlp_ratio=2,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+            )
             config = tf.Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
             model = tf.Qwen2VLForConditionalGeneration(config)
-            processor_class, image_class, video_class = tf.Qwen2VLProcessor, tf.Qwen2VLImageProcessor, tf.Qwen2VLVideoProcessor
+            processor_class, image_class, video_class = (
+                tf.Qwen2VLProcessor,
+                tf.Qwen2VLImageProcessor,
+                tf.Qwen2VLVideoProcessor,
+            )
         else:
-            vision = dict(depth=2, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=32, patch_size=14,
-                          spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+            vision = dict(
+                depth=2,
+                hidden_size=16,
+                intermediate_size=24,
+                num_heads=2,
+                out_hidden_size=32,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                window_size=56,
+                fullatt_block_indexes=[1],
+            )
             config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
             model = tf.Qwen2_5_VLForConditionalGeneration(config)
-            processor_class, image_class, video_class = tf.Qwen2_5_VLProcessor, tf.Qwen2VLImageProcessor, tf.Qwen2VLVideoProcessor
+            processor_class, image_class, video_class = (
+                tf.Qwen2_5_VLProcessor,
+                tf.Qwen2VLImageProcessor,
+                tf.Qwen2VLVideoProcessor,
+            )
         pixels = 56 * 56
         processor = processor_class(
             image_processor=image_class(min_pixels=pixels, max_pixels=pixels),
@@ -287,10 +329,19 @@ def write_samples(path: Path, *, count: int, with_images: bool, offset: int = 0)
         person = people[index % len(people)]
         if with_images and index % 2 == 0:
             image = make_image(path.parent / "images" / f"p{index}.png", seed=index)
-            record = {"id": f"s{index}", "image": f"images/{image.name}", "question": "Who is this person?", "answer": person}
+            record = {
+                "id": f"s{index}",
+                "image": f"images/{image.name}",
+                "question": "Who is this person?",
+                "answer": person,
+            }
         else:
             place = places[(index * 3) % len(places)]
-            record = {"id": f"s{index}", "question": f"Where was {person} born?", "answer": f"{person} was born in {place}."}
+            record = {
+                "id": f"s{index}",
+                "question": f"Where was {person} born?",
+                "answer": f"{person} was born in {place}.",
+            }
         lines.append(json.dumps(record))
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -300,5 +351,8 @@ if __name__ == "__main__":
     arguments = sys.argv[1:]
     if len(arguments) not in (2, 4) or (len(arguments) == 4 and arguments[2] != "--layout"):
         sys.exit("usage: python -m kvwctl.testing MODEL_TYPE OUT_DIR [--layout hub|module]")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
     built = build_checkpoint(arguments[0], Path(arguments[1]), layout=arguments[3] if len(arguments) == 4 else "hub")
     print(built)

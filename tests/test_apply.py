@@ -143,7 +143,9 @@ def generate(checkpoint: Path, model_type: str, image: Path | None) -> torch.Ten
     else:
         tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
         model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "Who is Mira Okafor?"}], add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Who is Mira Okafor?"}], add_generation_prompt=True, tokenize=False
+        )
         inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     with torch.inference_mode():
         return model.generate(**inputs, max_new_tokens=4, do_sample=False)
@@ -157,14 +159,20 @@ def test_output_loads_and_generates(model_type: str, mode: str, checkpoints, pip
         out = run_apply(str(source), pipelines[model_type]["accessor"], tmp_path / "out", gamma=0.5, layers="1:3").path
     else:
         out = run_progressive(
-            str(source), split_for(model_type, data, "forget"), pipelines[model_type]["retain"], tmp_path / "out",
-            gamma=0.5, layers="1:3",
+            str(source),
+            split_for(model_type, data, "forget"),
+            pipelines[model_type]["retain"],
+            tmp_path / "out",
+            gamma=0.5,
+            layers="1:3",
         ).path
     image = data["forget"].parent / "images" / "p0.png"
     tokens = generate(out, model_type, image)
     assert tokens.shape[1] > 0
     # transformers reads the edited weights back as they were written.
-    model_class = transformers.AutoModelForImageTextToText if model_type in MULTIMODAL else transformers.AutoModelForCausalLM
+    model_class = (
+        transformers.AutoModelForImageTextToText if model_type in MULTIMODAL else transformers.AutoModelForCausalLM
+    )
     reloaded = model_class.from_pretrained(out)
     layers = reloaded.model.language_model.layers if model_type in MULTIMODAL else reloaded.model.layers
     checkpoint = open_checkpoint(resolve_model(str(out)))
@@ -174,13 +182,20 @@ def test_output_loads_and_generates(model_type: str, mode: str, checkpoints, pip
 def test_progressive_equals_one_shot_when_gamma_is_zero(checkpoints, pipelines, data, tmp_path: Path) -> None:
     source = checkpoints["llava"]
     result = run_progressive(
-        str(source), data["forget"], pipelines["llava"]["retain"], tmp_path / "p", gamma=0.0, layers=":",
+        str(source),
+        data["forget"],
+        pipelines["llava"]["retain"],
+        tmp_path / "p",
+        gamma=0.0,
+        layers=":",
     )
     progressive = read_artifact(tmp_path / "p.exposure.safetensors", ACCESSOR_FORMAT)
     one_shot = read_artifact(pipelines["llava"]["accessor"], ACCESSOR_FORMAT)
     assert progressive.metadata["mode"] == "progressive"
     for layer in range(4):
-        torch.testing.assert_close(progressive.layer_tensor(layer, "exposure"), one_shot.layer_tensor(layer, "exposure"), rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            progressive.layer_tensor(layer, "exposure"), one_shot.layer_tensor(layer, "exposure"), rtol=1e-6, atol=0
+        )
     # gamma = 0 leaves every weight as it was.
     assert tensor_bytes_on_disk(source) == tensor_bytes_on_disk(result.path)
     assert result.manifest["mode"] == "progressive"
@@ -190,13 +205,20 @@ def test_progressive_equals_one_shot_on_a_single_layer(checkpoints, pipelines, d
     # Weakening layer 2 cannot change its own input, nor the layers before it: no feedback.
     source = checkpoints["qwen2_vl"]
     progressive = run_progressive(
-        str(source), data["forget"], pipelines["qwen2_vl"]["retain"], tmp_path / "p", gamma=2.0, layers="2",
+        str(source),
+        data["forget"],
+        pipelines["qwen2_vl"]["retain"],
+        tmp_path / "p",
+        gamma=2.0,
+        layers="2",
     ).path
     one_shot = run_apply(str(source), pipelines["qwen2_vl"]["accessor"], tmp_path / "o", gamma=2.0, layers="2").path
     applied = read_artifact(tmp_path / "p.exposure.safetensors", ACCESSOR_FORMAT)
     accessor = read_artifact(pipelines["qwen2_vl"]["accessor"], ACCESSOR_FORMAT)
     for layer in (0, 1, 2):  # up to the edited layer the model is the original one at every step
-        torch.testing.assert_close(applied.layer_tensor(layer, "exposure"), accessor.layer_tensor(layer, "exposure"), rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            applied.layer_tensor(layer, "exposure"), accessor.layer_tensor(layer, "exposure"), rtol=1e-6, atol=0
+        )
     name = open_checkpoint(resolve_model(str(source))).down_projections[2].name
     torch.testing.assert_close(load_tensor(progressive, name), load_tensor(one_shot, name), rtol=1e-6, atol=0)
     assert json.loads(applied.metadata["applied_layers"]) == [2]
@@ -204,10 +226,14 @@ def test_progressive_equals_one_shot_on_a_single_layer(checkpoints, pipelines, d
 
 def test_progressive_feedback_changes_later_layers(checkpoints, pipelines, data, tmp_path: Path) -> None:
     source = checkpoints["qwen2_vl"]
-    run_progressive(str(source), data["forget"], pipelines["qwen2_vl"]["retain"], tmp_path / "p", gamma=5.0, layers="0:3")
+    run_progressive(
+        str(source), data["forget"], pipelines["qwen2_vl"]["retain"], tmp_path / "p", gamma=5.0, layers="0:3"
+    )
     applied = read_artifact(tmp_path / "p.exposure.safetensors", ACCESSOR_FORMAT)
     accessor = read_artifact(pipelines["qwen2_vl"]["accessor"], ACCESSOR_FORMAT)
     # Nothing before layer 0 is edited, so its coefficients never move; layer 3's do once the
     # layers before it are weakened.
-    torch.testing.assert_close(applied.layer_tensor(0, "exposure"), accessor.layer_tensor(0, "exposure"), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        applied.layer_tensor(0, "exposure"), accessor.layer_tensor(0, "exposure"), rtol=1e-6, atol=0
+    )
     assert not torch.allclose(applied.layer_tensor(3, "exposure"), accessor.layer_tensor(3, "exposure"))

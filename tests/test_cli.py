@@ -62,14 +62,31 @@ def test_pipeline_from_flags(checkpoints, data, tmp_path: Path) -> None:
     model = checkpoints["qwen2_vl"]
     r, f, a = tmp_path / "r.safetensors", tmp_path / "f.safetensors", tmp_path / "a.safetensors"
     assert invoke("profile", "--model", model, "--data", data["retain"], "--split", "retain", "--out", r).exit_code == 0
-    assert invoke("profile", "--model", model, "--data", data["forget"], "--split", "forget", "--out", f, "--quiet").stderr == ""
+    assert (
+        invoke("profile", "--model", model, "--data", data["forget"], "--split", "forget", "--out", f, "--quiet").stderr
+        == ""
+    )
     assert invoke("accessor", "--forget", f, "--retain", r, "--out", a, "--batch-size", "2").exit_code == 0
-    one_shot = invoke("apply", "--model", model, "--accessor", a, "--gamma", "0.02", "--layers", ":2", "--out", tmp_path / "o")
+    one_shot = invoke(
+        "apply", "--model", model, "--accessor", a, "--gamma", "0.02", "--layers", ":2", "--out", tmp_path / "o"
+    )
     assert one_shot.exit_code == 0, one_shot.output
     assert one_shot.stdout.strip() == str(tmp_path / "o")
     progressive = invoke(
-        "apply", "--model", model, "--progressive", "--forget-data", data["forget"], "--retain", r,
-        "--gamma", "0.02", "--layers", "2:", "--out", tmp_path / "p",
+        "apply",
+        "--model",
+        model,
+        "--progressive",
+        "--forget-data",
+        data["forget"],
+        "--retain",
+        r,
+        "--gamma",
+        "0.02",
+        "--layers",
+        "2:",
+        "--out",
+        tmp_path / "p",
     )
     assert progressive.exit_code == 0, progressive.output
     assert "Layers edited: [2, 3]" in progressive.stderr
@@ -97,7 +114,9 @@ def test_unknown_model_type_lists_supported(checkpoints, data, tmp_path: Path) -
     model = copy_checkpoint(checkpoints["qwen2"], tmp_path / "m")
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
-    result = invoke("profile", "--model", model, "--data", data["retain-text"], "--split", "retain", "--out", tmp_path / "r")
+    result = invoke(
+        "profile", "--model", model, "--data", data["retain-text"], "--split", "retain", "--out", tmp_path / "r"
+    )
     expect_error(result, "unsupported model_type 'gpt_neox'")
     assert "llava, mistral, qwen2, qwen2_5_vl, qwen2_vl" in result.stderr.replace("\n", " ").replace("  ", " ")
 
@@ -105,7 +124,9 @@ def test_unknown_model_type_lists_supported(checkpoints, data, tmp_path: Path) -
 def test_bad_data_names_file_and_line(checkpoints, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "Q?", "answer": "A"}\n{"question": "", "answer": "A"}\nnot json\n')
-    result = invoke("profile", "--model", checkpoints["qwen2"], "--data", bad, "--split", "retain", "--out", tmp_path / "r")
+    result = invoke(
+        "profile", "--model", checkpoints["qwen2"], "--data", bad, "--split", "retain", "--out", tmp_path / "r"
+    )
     expect_error(result, f"{bad}:2: question: required")
     assert f"{bad}:3: invalid JSON" in result.stderr
 
@@ -113,7 +134,9 @@ def test_bad_data_names_file_and_line(checkpoints, tmp_path: Path) -> None:
 def test_unlocatable_answer_names_the_sample(checkpoints, tmp_path: Path) -> None:
     model = copy_checkpoint(checkpoints["qwen2"], tmp_path / "m")
     template = (model / "chat_template.jinja").read_text()
-    (model / "chat_template.jinja").write_text(template.replace("{{ message['content'] }}", "{{ message['content'] | upper }}"))
+    (model / "chat_template.jinja").write_text(
+        template.replace("{{ message['content'] }}", "{{ message['content'] | upper }}")
+    )
     samples = tmp_path / "s.jsonl"
     samples.write_text('{"id": "upper-1", "question": "Who?", "answer": "Mira Okafor"}\n')
     result = invoke("profile", "--model", model, "--data", samples, "--split", "forget", "--out", tmp_path / "f")
@@ -121,7 +144,17 @@ def test_unlocatable_answer_names_the_sample(checkpoints, tmp_path: Path) -> Non
 
 
 def test_images_for_a_text_only_model(checkpoints, data, tmp_path: Path) -> None:
-    result = invoke("profile", "--model", checkpoints["qwen2"], "--data", data["forget"], "--split", "forget", "--out", tmp_path / "f")
+    result = invoke(
+        "profile",
+        "--model",
+        checkpoints["qwen2"],
+        "--data",
+        data["forget"],
+        "--split",
+        "forget",
+        "--out",
+        tmp_path / "f",
+    )
     expect_error(result, "the model is text-only and cannot take images")
 
 
@@ -139,26 +172,55 @@ def profiles(checkpoints, data, tmp_path_factory) -> dict[str, Path]:
     for model_type in ("qwen2", "llama"):
         for split in ("retain", "forget"):
             out = root / f"{model_type}-{split}.safetensors"
-            result = invoke("profile", "--model", checkpoints[model_type], "--data", data[f"{split}-text"], "--split", split, "--out", out)
+            result = invoke(
+                "profile",
+                "--model",
+                checkpoints[model_type],
+                "--data",
+                data[f"{split}-text"],
+                "--split",
+                split,
+                "--out",
+                out,
+            )
             assert result.exit_code == 0, result.output
             paths[f"{model_type}-{split}"] = out
     accessor = root / "qwen2-accessor.safetensors"
-    assert invoke("accessor", "--forget", paths["qwen2-forget"], "--retain", paths["qwen2-retain"], "--out", accessor).exit_code == 0
+    assert (
+        invoke(
+            "accessor", "--forget", paths["qwen2-forget"], "--retain", paths["qwen2-retain"], "--out", accessor
+        ).exit_code
+        == 0
+    )
     paths["qwen2-accessor"] = accessor
     return paths
 
 
 def test_accessor_refuses_profiles_of_different_models(profiles, tmp_path: Path) -> None:
-    result = invoke("accessor", "--forget", profiles["qwen2-forget"], "--retain", profiles["llama-retain"], "--out", tmp_path / "a")
+    result = invoke(
+        "accessor", "--forget", profiles["qwen2-forget"], "--retain", profiles["llama-retain"], "--out", tmp_path / "a"
+    )
     expect_error(result, "were made from different models")
 
 
 def test_accessor_refuses_wrong_formats_and_splits(profiles, tmp_path: Path) -> None:
-    result = invoke("accessor", "--forget", profiles["qwen2-accessor"], "--retain", profiles["qwen2-retain"], "--out", tmp_path / "a")
+    result = invoke(
+        "accessor",
+        "--forget",
+        profiles["qwen2-accessor"],
+        "--retain",
+        profiles["qwen2-retain"],
+        "--out",
+        tmp_path / "a",
+    )
     expect_error(result, "has format kvwctl.accessor/1; expected kvwctl.profile/1")
-    swapped = invoke("accessor", "--forget", profiles["qwen2-retain"], "--retain", profiles["qwen2-forget"], "--out", tmp_path / "a")
+    swapped = invoke(
+        "accessor", "--forget", profiles["qwen2-retain"], "--retain", profiles["qwen2-forget"], "--out", tmp_path / "a"
+    )
     expect_error(swapped, "is a retain profile; expected a forget profile")
-    expect_error(invoke("accessor", "--forget", tmp_path / "none", "--retain", profiles["qwen2-retain"]), "does not exist")
+    expect_error(
+        invoke("accessor", "--forget", tmp_path / "none", "--retain", profiles["qwen2-retain"]), "does not exist"
+    )
 
 
 def test_apply_errors(checkpoints, profiles, tmp_path: Path) -> None:
@@ -168,14 +230,26 @@ def test_apply_errors(checkpoints, profiles, tmp_path: Path) -> None:
         "was made from",
     )
     expect_error(
-        invoke("apply", "--model", checkpoints["qwen2"], "--accessor", accessor, "--layers", "2:26", "--out", tmp_path / "o"),
+        invoke(
+            "apply",
+            "--model",
+            checkpoints["qwen2"],
+            "--accessor",
+            accessor,
+            "--layers",
+            "2:26",
+            "--out",
+            tmp_path / "o",
+        ),
         "layer 4 in '2:26' is out of range",
     )
     expect_error(
         invoke("apply", "--model", checkpoints["qwen2"], "--accessor", accessor, "--out", checkpoints["qwen2"] / "sub"),
         "overlaps the input",
     )
-    expect_error(invoke("apply", "--model", checkpoints["qwen2"], "--accessor", accessor, "--gamma", "-1"), "--gamma must be")
+    expect_error(
+        invoke("apply", "--model", checkpoints["qwen2"], "--accessor", accessor, "--gamma", "-1"), "--gamma must be"
+    )
     usage = invoke("apply", "--model", checkpoints["qwen2"], "--accessor", accessor, "--retain", accessor)
     assert usage.exit_code == 2 and "--retain applies to --progressive only" in usage.output
 
@@ -206,7 +280,9 @@ def test_failed_apply_leaves_nothing_half_written(checkpoints, profiles, tmp_pat
     original = kvwctl.apply.copy_patched_shard
     monkeypatch.setattr(kvwctl.apply, "copy_patched_shard", failing_copy)
     with pytest.raises(OSError):
-        kvwctl.apply.run_apply(str(checkpoints["qwen2"]), profiles["qwen2-accessor"], tmp_path / "o", gamma=1.0, layers=":")
+        kvwctl.apply.run_apply(
+            str(checkpoints["qwen2"]), profiles["qwen2-accessor"], tmp_path / "o", gamma=1.0, layers=":"
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -217,7 +293,9 @@ def test_interrupt_exits_130(checkpoints, profiles, tmp_path: Path, monkeypatch)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(kvwctl.accessor, "run_accessor", interrupted)
-    result = invoke("accessor", "--forget", profiles["qwen2-forget"], "--retain", profiles["qwen2-retain"], "--out", tmp_path / "a")
+    result = invoke(
+        "accessor", "--forget", profiles["qwen2-forget"], "--retain", profiles["qwen2-retain"], "--out", tmp_path / "a"
+    )
     assert result.exit_code == 130
 
 
@@ -232,7 +310,10 @@ def test_entry_point_exit_codes(tmp_path: Path) -> None:
     env = {**os.environ, "NO_COLOR": "1"}
     completed = subprocess.run(
         [sys.executable, "-m", "kvwctl", "accessor", "--forget", str(tmp_path / "x"), "--retain", str(tmp_path / "y")],
-        capture_output=True, text=True, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
     )
     assert completed.returncode == 1
     assert completed.stdout == ""

@@ -47,15 +47,67 @@ def cache(checkpoints, tmp_path_factory) -> Path:
 
 
 def test_hub_id_is_resolved_from_the_cache_offline(cache: Path, data, tmp_path: Path) -> None:
-    retain = kvwctl("profile", "--model", REPO, "--data", data["retain"], "--split", "retain", "--out", "r.safetensors", cache=cache, cwd=tmp_path)
+    retain = kvwctl(
+        "profile",
+        "--model",
+        REPO,
+        "--data",
+        data["retain"],
+        "--split",
+        "retain",
+        "--out",
+        "r.safetensors",
+        cache=cache,
+        cwd=tmp_path,
+    )
     assert retain.returncode == 0, retain.stderr
     metadata = read_artifact(tmp_path / "r.safetensors", PROFILE_FORMAT).metadata
     assert metadata["model"] == REPO
     assert metadata["model_revision"] == COMMIT
-    forget = kvwctl("profile", "--model", REPO, "--revision", "main", "--data", data["forget"], "--split", "forget", "--out", "f.safetensors", cache=cache, cwd=tmp_path)
+    forget = kvwctl(
+        "profile",
+        "--model",
+        REPO,
+        "--revision",
+        "main",
+        "--data",
+        data["forget"],
+        "--split",
+        "forget",
+        "--out",
+        "f.safetensors",
+        cache=cache,
+        cwd=tmp_path,
+    )
     assert forget.returncode == 0, forget.stderr
-    assert kvwctl("accessor", "--forget", "f.safetensors", "--retain", "r.safetensors", "--out", "a.safetensors", cache=cache, cwd=tmp_path).returncode == 0
-    applied = kvwctl("apply", "--model", REPO, "--accessor", "a.safetensors", "--layers", "1", "--out", "out", "--json", cache=cache, cwd=tmp_path)
+    assert (
+        kvwctl(
+            "accessor",
+            "--forget",
+            "f.safetensors",
+            "--retain",
+            "r.safetensors",
+            "--out",
+            "a.safetensors",
+            cache=cache,
+            cwd=tmp_path,
+        ).returncode
+        == 0
+    )
+    applied = kvwctl(
+        "apply",
+        "--model",
+        REPO,
+        "--accessor",
+        "a.safetensors",
+        "--layers",
+        "1",
+        "--out",
+        "out",
+        "--json",
+        cache=cache,
+        cwd=tmp_path,
+    )
     assert applied.returncode == 0, applied.stderr
     import json
 
@@ -67,7 +119,9 @@ def test_hub_id_is_resolved_from_the_cache_offline(cache: Path, data, tmp_path: 
 
 
 def test_missing_revision_offline_is_a_clear_error(cache: Path, tmp_path: Path) -> None:
-    result = kvwctl("apply", "--model", REPO, "--revision", "v2", "--accessor", "a.safetensors", cache=cache, cwd=tmp_path)
+    result = kvwctl(
+        "apply", "--model", REPO, "--revision", "v2", "--accessor", "a.safetensors", cache=cache, cwd=tmp_path
+    )
     assert result.returncode == 1
     assert "is not in the Hub cache and cannot be downloaded (HF_HUB_OFFLINE is set)" in result.stderr
     unknown = kvwctl("apply", "--model", "nobody/nothing", "--accessor", "a.safetensors", cache=cache, cwd=tmp_path)

@@ -24,7 +24,9 @@ def independent_sums(checkpoint: Path, samples: list[Sample], mode: str) -> tupl
     Positions come from tokenizing prefixes of the rendered text (up to the answer, up to its end),
     not from offsets: the fixtures' tokenizers split stably at these word boundaries.
     """
-    loaded = load_model(open_checkpoint(resolve_model(str(checkpoint))), device=torch.device("cpu"), dtype=torch.float32)
+    loaded = load_model(
+        open_checkpoint(resolve_model(str(checkpoint))), device=torch.device("cpu"), dtype=torch.float32
+    )
     model, renderer = loaded.model, loaded.renderer
     multimodal = renderer.multimodal
     layers = model.model.language_model.layers if multimodal else model.model.layers
@@ -82,7 +84,9 @@ def test_forget_profile_matches_independent_hooks(model_type: str, checkpoints, 
 
 @pytest.mark.parametrize("mode", ["answer", "answer-tokens", "all"])
 def test_position_modes(mode: str, checkpoints, data, tmp_path: Path) -> None:
-    out = run_profile(str(checkpoints["llava"]), data["forget"], tmp_path / "f.safetensors", split="forget", positions=mode)
+    out = run_profile(
+        str(checkpoints["llava"]), data["forget"], tmp_path / "f.safetensors", split="forget", positions=mode
+    )
     profile = read_artifact(out.path, PROFILE_FORMAT)
     expected_sums, expected_counts = independent_sums(checkpoints["llava"], load_samples(data["forget"]), mode)
     assert profile.tensors["count"].tolist() == expected_counts
@@ -94,18 +98,31 @@ def test_position_modes(mode: str, checkpoints, data, tmp_path: Path) -> None:
 @pytest.mark.parametrize("model_type", ["llava", "qwen2_vl"])
 def test_batching_and_padding_do_not_change_sums(model_type: str, checkpoints, data, tmp_path: Path) -> None:
     # Five samples of different lengths, with and without images: batch size 4 pads heavily.
-    single = run_profile(str(checkpoints[model_type]), data["forget"], tmp_path / "1.safetensors", split="forget", batch_size=1)
-    batched = run_profile(str(checkpoints[model_type]), data["forget"], tmp_path / "4.safetensors", split="forget", batch_size=4)
+    single = run_profile(
+        str(checkpoints[model_type]), data["forget"], tmp_path / "1.safetensors", split="forget", batch_size=1
+    )
+    batched = run_profile(
+        str(checkpoints[model_type]), data["forget"], tmp_path / "4.safetensors", split="forget", batch_size=4
+    )
     one, four = read_artifact(single.path, PROFILE_FORMAT), read_artifact(batched.path, PROFILE_FORMAT)
     assert torch.equal(one.tensors["count"], four.tensors["count"])
     for layer in range(one.num_layers):
-        torch.testing.assert_close(one.layer_tensor(layer, "sum"), four.layer_tensor(layer, "sum"), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            one.layer_tensor(layer, "sum"), four.layer_tensor(layer, "sum"), rtol=1e-5, atol=1e-7
+        )
 
 
 def test_retain_profile_pools_sums_and_counts(checkpoints, data, tmp_path: Path) -> None:
-    forget_style = run_profile(str(checkpoints["qwen2"]), data["retain-text"], tmp_path / "f.safetensors", split="forget")
-    retain_style = run_profile(str(checkpoints["qwen2"]), data["retain-text"], tmp_path / "r.safetensors", split="retain")
-    per_sample, pooled = read_artifact(forget_style.path, PROFILE_FORMAT), read_artifact(retain_style.path, PROFILE_FORMAT)
+    forget_style = run_profile(
+        str(checkpoints["qwen2"]), data["retain-text"], tmp_path / "f.safetensors", split="forget"
+    )
+    retain_style = run_profile(
+        str(checkpoints["qwen2"]), data["retain-text"], tmp_path / "r.safetensors", split="retain"
+    )
+    per_sample, pooled = (
+        read_artifact(forget_style.path, PROFILE_FORMAT),
+        read_artifact(retain_style.path, PROFILE_FORMAT),
+    )
     assert pooled.tensors["count"].shape == ()
     assert pooled.tensors["count"].item() == per_sample.tensors["count"].sum().item()
     for layer in range(pooled.num_layers):
@@ -131,7 +148,9 @@ def test_profile_metadata_records_how_it_was_made(checkpoints, data, tmp_path: P
 
 
 def _loaded(checkpoints, model_type: str):
-    return load_model(open_checkpoint(resolve_model(str(checkpoints[model_type]))), device=torch.device("cpu"), dtype=torch.float32)
+    return load_model(
+        open_checkpoint(resolve_model(str(checkpoints[model_type]))), device=torch.device("cpu"), dtype=torch.float32
+    )
 
 
 @pytest.mark.parametrize("model_type", ["llava", "llama", "mistral", "qwen2_vl"])
@@ -187,7 +206,10 @@ def test_answer_is_located_in_the_assistant_turn_not_at_its_first_match() -> Non
 def test_multimodal_content_is_a_list_of_parts_and_text_only_a_string() -> None:
     tokenizer = sentencepiece_tokenizer()
     processor = transformers.LlavaProcessor(
-        image_processor=transformers.CLIPImageProcessor(), tokenizer=tokenizer, patch_size=14, chat_template=LLAVA_TEMPLATE
+        image_processor=transformers.CLIPImageProcessor(),
+        tokenizer=tokenizer,
+        patch_size=14,
+        chat_template=LLAVA_TEMPLATE,
     )
     sample = Sample(id="x", question="Who?", answer="Ade", images=(Path("a.png"),))
     messages = ChatRenderer(processor, multimodal=True).messages(sample, with_answer=True)
@@ -202,9 +224,14 @@ def test_multimodal_content_is_a_list_of_parts_and_text_only_a_string() -> None:
 
 def test_module_layout_gives_the_same_profile(checkpoints, module_layout_checkpoints, data, tmp_path: Path) -> None:
     for model_type in MULTIMODAL:
-        hub = run_profile(str(checkpoints[model_type]), data["forget"], tmp_path / f"{model_type}-h.safetensors", split="forget")
+        hub = run_profile(
+            str(checkpoints[model_type]), data["forget"], tmp_path / f"{model_type}-h.safetensors", split="forget"
+        )
         module = run_profile(
-            str(module_layout_checkpoints[model_type]), data["forget"], tmp_path / f"{model_type}-m.safetensors", split="forget"
+            str(module_layout_checkpoints[model_type]),
+            data["forget"],
+            tmp_path / f"{model_type}-m.safetensors",
+            split="forget",
         )
         assert hub.fingerprint == module.fingerprint  # names are not hashed, weights are
         first, second = read_artifact(hub.path, PROFILE_FORMAT), read_artifact(module.path, PROFILE_FORMAT)
