@@ -138,6 +138,27 @@ def retain_coefficients(retain: Artifact) -> list[torch.Tensor]:
     return [retain.layer_tensor(layer, "sum") / count for layer in range(retain.num_layers)]
 
 
+def exposure_metadata(
+    made_from: Artifact, *, mode: str, batches: list[range], sample_ids: str, **extra: str
+) -> dict[str, str]:
+    """Metadata of an exposure file (accessor format), for both one-shot and progressive runs."""
+    model_keys = ("model", "model_revision", "model_fingerprint", "model_type", "num_layers")
+    return {
+        "format": ACCESSOR_FORMAT,
+        **{key: made_from.metadata[key] for key in model_keys},
+        "tool_version": __version__,
+        "created": now(),
+        "mode": mode,
+        "positions": made_from.metadata["positions"],
+        "batch_size": str(len(batches[0])),
+        "num_batches": str(len(batches)),
+        "batches": json.dumps([[batch.start, batch.stop] for batch in batches]),
+        "sample_ids": sample_ids,
+        "epsilon": repr(EPSILON),
+        **extra,
+    }
+
+
 def run_accessor(
     forget_profile: Path,
     retain_profile: Path,
@@ -169,25 +190,15 @@ def run_accessor(
         tensors[f"layers.{layer}.exposure"] = exposure
         if save_batches:
             tensors[f"layers.{layer}.batch_accessor"] = accessors.float()
-    metadata = {
-        "format": ACCESSOR_FORMAT,
-        **{
-            key: forget.metadata[key]
-            for key in ("model", "model_revision", "model_fingerprint", "model_type", "num_layers")
-        },
-        "tool_version": __version__,
-        "created": now(),
-        "mode": "one-shot",
-        "forget_profile": str(forget_profile),
-        "forget_profile_sha256": file_sha256(forget_profile),
-        "retain_profile": str(retain_profile),
-        "retain_profile_sha256": file_sha256(retain_profile),
-        "positions": forget.metadata["positions"],
-        "batch_size": str(batch_size),
-        "num_batches": str(len(batches)),
-        "epsilon": repr(EPSILON),
-        "sample_ids": forget.metadata.get("sample_ids", "[]"),
-        "batches": json.dumps([[batch.start, batch.stop] for batch in batches]),
-    }
+    metadata = exposure_metadata(
+        forget,
+        mode="one-shot",
+        batches=batches,
+        sample_ids=forget.metadata.get("sample_ids", "[]"),
+        forget_profile=str(forget_profile),
+        forget_profile_sha256=file_sha256(forget_profile),
+        retain_profile=str(retain_profile),
+        retain_profile_sha256=file_sha256(retain_profile),
+    )
     write_artifact(out, tensors, metadata)
     return AccessorResult(path=out, num_batches=len(batches), batch_size=batch_size, layers=summarize(exposures))

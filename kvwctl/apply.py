@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvwctl import __version__
-from kvwctl.accessor import EPSILON, batch_ranges, forget_accessor, pooled_coefficient, retain_coefficients, summarize
+from kvwctl.accessor import (
+    batch_ranges,
+    exposure_metadata,
+    forget_accessor,
+    pooled_coefficient,
+    retain_coefficients,
+    summarize,
+)
 from kvwctl.artifacts import ACCESSOR_FORMAT, PROFILE_FORMAT, check_fits_model, now, read_artifact, write_artifact
 from kvwctl.checkpoint import (
     MANIFEST_FILE,
@@ -297,28 +304,18 @@ def run_progressive(
     exposures = [exposure.float().cpu() for exposure in cumulative]
     del loaded, originals, modules
 
-    metadata = {
-        "format": ACCESSOR_FORMAT,
-        **{
-            key: retain.metadata[key]
-            for key in ("model", "model_revision", "model_fingerprint", "model_type", "num_layers")
-        },
-        "tool_version": __version__,
-        "created": now(),
-        "mode": "progressive",
-        "gamma": repr(gamma),
-        "applied_layers": json.dumps(selected),
-        "forget_data": str(forget_data),
-        "forget_data_sha256": file_sha256(forget_data),
-        "retain_profile": str(retain_profile),
-        "retain_profile_sha256": file_sha256(retain_profile),
-        "positions": positions,
-        "batch_size": str(batch_size),
-        "num_batches": str(len(batches)),
-        "epsilon": repr(EPSILON),
-        "sample_ids": json.dumps([sample.id for sample in samples]),
-        "batches": json.dumps([[batch.start, batch.stop] for batch in batches]),
-    }
+    metadata = exposure_metadata(
+        retain,
+        mode="progressive",
+        batches=batches,
+        sample_ids=json.dumps([sample.id for sample in samples]),
+        gamma=repr(gamma),
+        applied_layers=json.dumps(selected),
+        forget_data=str(forget_data),
+        forget_data_sha256=file_sha256(forget_data),
+        retain_profile=str(retain_profile),
+        retain_profile_sha256=file_sha256(retain_profile),
+    )
     provenance = {
         "mode": "progressive",
         "progressive": {

@@ -63,6 +63,10 @@ class ChatRenderer:
             )
         if not getattr(self.tokenizer, "is_fast", False):
             raise ModelError("the model's tokenizer is not a fast tokenizer; answer offsets need one")
+        if self.tokenizer.pad_token is None:
+            # Many tokenizers (Llama 2/3) define none. Batches are padded on the right and padding
+            # is masked out of attention and profiling, so the id does not matter.
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.bos_token = self.tokenizer.bos_token
         self.bos_token_id = self.tokenizer.bos_token_id
 

@@ -130,6 +130,28 @@ def test_retain_profile_pools_sums_and_counts(checkpoints, data, tmp_path: Path)
         torch.testing.assert_close(pooled.layer_tensor(layer, "sum"), per_sample.layer_tensor(layer, "sum").sum(dim=0))
 
 
+def test_tokenizer_without_pad_token_still_batches(checkpoints, data, tmp_path: Path) -> None:
+    import json
+
+    from conftest import copy_checkpoint
+
+    model = copy_checkpoint(checkpoints["qwen2"], tmp_path / "m")
+    config_path = model / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["pad_token"] = None
+    config_path.write_text(json.dumps(config))
+    assert transformers.AutoTokenizer.from_pretrained(model).pad_token is None
+    padded = run_profile(str(model), data["retain-text"], tmp_path / "a.safetensors", split="forget", batch_size=4)
+    reference = run_profile(
+        str(checkpoints["qwen2"]), data["retain-text"], tmp_path / "b.safetensors", split="forget", batch_size=1
+    )
+    first, second = read_artifact(padded.path, PROFILE_FORMAT), read_artifact(reference.path, PROFILE_FORMAT)
+    for layer in range(first.num_layers):
+        torch.testing.assert_close(
+            first.layer_tensor(layer, "sum"), second.layer_tensor(layer, "sum"), rtol=1e-5, atol=1e-7
+        )
+
+
 def test_profile_metadata_records_how_it_was_made(checkpoints, data, tmp_path: Path) -> None:
     result = run_profile(str(checkpoints["llava"]), data["retain"], tmp_path / "r.safetensors", split="retain")
     metadata = read_artifact(result.path, PROFILE_FORMAT).metadata
