@@ -97,6 +97,8 @@ def _parse_record(
         image_path = base / image
         if not image_path.is_file():
             problems.append(f"{where}: image: {image_path} does not exist")
+        elif not _is_image(image_path):
+            problems.append(f"{where}: image: {image_path} is not a readable image")
         image_paths.append(image_path)
     keywords = _string_list(record, "keywords", where, problems)
     options = _string_list(record, "options", where, problems)
@@ -129,6 +131,18 @@ def _string_list(
         problems.append(f"{where}: {name}: must be {kind}")
         return []
     return value
+
+
+def _is_image(path: Path) -> bool:
+    """A cheap check of the file's header (the pixels are decoded only when profiling)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError):
+        return False
+    return True
 
 
 def load_image(path: Path) -> Any:

@@ -131,6 +131,20 @@ def test_bad_data_names_file_and_line(checkpoints, tmp_path: Path) -> None:
     assert f"{bad}:3: invalid JSON" in result.stderr
 
 
+def test_missing_and_unreadable_images_are_reported_before_model_work(checkpoints, tmp_path: Path) -> None:
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(
+        '{"image": "missing.png", "question": "Who?", "answer": "A"}\n'
+        '{"image": ["broken.png"], "question": "Who?", "answer": "B"}\n'
+    )
+    result = invoke(
+        "profile", "--model", checkpoints["llava"], "--data", samples, "--split", "forget", "--out", tmp_path / "f"
+    )
+    expect_error(result, f"{samples}:1: image: {tmp_path / 'missing.png'} does not exist")
+    assert f"{samples}:2: image: {tmp_path / 'broken.png'} is not a readable image" in result.stderr
+
+
 def test_unlocatable_answer_names_the_sample(checkpoints, tmp_path: Path) -> None:
     model = copy_checkpoint(checkpoints["qwen2"], tmp_path / "m")
     template = (model / "chat_template.jinja").read_text()
