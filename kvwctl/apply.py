@@ -38,12 +38,14 @@ from kvwctl.artifacts import ACCESSOR_FORMAT, PROFILE_FORMAT, check_fits_model, 
 from kvwctl.checkpoint import (
     MANIFEST_FILE,
     Checkpoint,
+    ModelSource,
     carry_over_files,
     check_output_dir,
     check_output_file,
     copy_patched_shard,
     open_checkpoint,
     resolve_model,
+    staged_output_dir,
 )
 from kvwctl.config import parse_layers
 from kvwctl.console import NullTracker, Tracker
@@ -111,8 +113,6 @@ def write_weakened_checkpoint(
     """Stream the input shards one at a time, weaken the chosen layers, write ``out`` atomically."""
     from safetensors import safe_open
 
-    from kvwctl.checkpoint import staged_output_dir
-
     axis = checkpoint.architecture.vector_axis
     edits = {layer: checkpoint.down_projections[layer] for layer in layers}
     layer_stats: dict[str, Any] = {}
@@ -156,17 +156,11 @@ def write_weakened_checkpoint(
             "per_layer": {key: layer_stats[key] for key in sorted(layer_stats, key=int)},
             "shards": shard_hashes,
             "not_carried_over": left_out,
-            "output_fingerprint": open_checkpoint(_local(staging)).fingerprint(),
+            "output_fingerprint": open_checkpoint(ModelSource(staging, str(staging), None)).fingerprint(),
             "previous_manifest": json.loads(previous.read_text()) if previous.is_file() else None,
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return ApplyResult(path=out, manifest=manifest)
-
-
-def _local(path: Path) -> Any:
-    from kvwctl.checkpoint import ModelSource
-
-    return ModelSource(path=path, reference=str(path), revision=None)
 
 
 def _check_gamma(gamma: float) -> None:
