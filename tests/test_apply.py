@@ -237,3 +237,17 @@ def test_progressive_feedback_changes_later_layers(checkpoints, pipelines, data,
         applied.layer_tensor(0, "exposure"), accessor.layer_tensor(0, "exposure"), rtol=1e-6, atol=0
     )
     assert not torch.allclose(applied.layer_tensor(3, "exposure"), accessor.layer_tensor(3, "exposure"))
+
+
+def test_progressive_exposure_file_reproduces_the_progressive_checkpoint(
+    checkpoints, pipelines, data, tmp_path: Path
+) -> None:
+    source = checkpoints["llava"]
+    progressive = run_progressive(
+        str(source), data["forget"], pipelines["llava"]["retain"], tmp_path / "p", gamma=1.5, layers="0:3"
+    ).path
+    replayed = run_apply(str(source), tmp_path / "p.exposure.safetensors", tmp_path / "r", gamma=1.5, layers="0:3").path
+    checkpoint = open_checkpoint(resolve_model(str(source)))
+    for shard in checkpoint.shards:
+        assert (progressive / shard).read_bytes() == (replayed / shard).read_bytes(), shard
+    assert tensor_bytes_on_disk(progressive) != tensor_bytes_on_disk(source)
