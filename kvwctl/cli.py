@@ -24,7 +24,7 @@ import typer
 from rich.table import Table
 
 from kvwctl import __version__, console
-from kvwctl.config import load_config, require
+from kvwctl.config import ProjectConfig, load_config, require
 from kvwctl.errors import KvwError
 
 app = typer.Typer(
@@ -78,8 +78,7 @@ def command(function: F) -> F:
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         console.set_quiet(bool(kwargs.get("quiet")))
-        if not kwargs.get("debug"):
-            console.silence_libraries()
+        console.set_library_output(bool(kwargs.get("debug")))
         try:
             return function(*args, **kwargs)
         except KvwError as error:
@@ -112,6 +111,11 @@ def _show_inputs(title: str, values: dict[str, Any]) -> None:
         if value is not None:
             table.add_row(f"  {key}", str(value))
     console.show(table)
+
+
+def _revision(flag: str | None, model: str, project: ProjectConfig) -> str | None:
+    """``--revision``, else kvw.toml's revision when the model is kvw.toml's model."""
+    return flag or (project.revision if model == project.model else None)
 
 
 def _default(value: Any, config_value: Any, fallback: Any) -> Any:
@@ -153,7 +157,7 @@ def profile(
     out = out or project.workdir / f"profile-{split}.safetensors"
     settings = dict(
         split=split,
-        revision=revision or (project.revision if model == project.model else None),
+        revision=_revision(revision, model, project),
         positions=_default(positions, project.positions, "answer"),
         batch_size=_default(batch_size, project.batch_size, 8),
         device=_default(device, project.device, "auto"),
@@ -287,7 +291,7 @@ def apply(
 
     project = load_config(config)
     model = require(model or project.model, flag="--model", key="model")
-    revision = revision or (project.revision if model == project.model else None)
+    revision = _revision(revision, model, project)
     gamma = _default(gamma, project.gamma, 0.02)
     layers = _default(layers, project.layers, ":")
     out = out or project.workdir / "unlearned"

@@ -19,6 +19,7 @@ T = TypeVar("T")
 
 _console: Console | None = None
 _quiet = False
+_silence_libraries = False
 
 
 def stderr_console() -> Console:
@@ -47,12 +48,19 @@ def show(renderable: object) -> None:
         stderr_console().print(renderable)
 
 
-def silence_libraries() -> None:
-    """Keep transformers' own progress bars and warnings off our stderr (``--debug`` shows them)."""
-    from transformers.utils import logging
+def set_library_output(show: bool) -> None:
+    """Whether transformers may print its own progress bars and warnings (the CLI: ``--debug``)."""
+    global _silence_libraries
+    _silence_libraries = not show
 
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()
+
+def quiet_transformers() -> None:
+    """Called where transformers is loaded: keep its bars and warnings off stderr if asked to."""
+    if _silence_libraries:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+        logging.set_verbosity_error()
 
 
 class Tracker(Protocol):

@@ -68,6 +68,9 @@ class LoadedModel:
 def load_model(checkpoint: Checkpoint, *, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     import transformers
 
+    from kvwctl.console import quiet_transformers
+
+    quiet_transformers()
     architecture = checkpoint.architecture
     model_class = getattr(transformers, architecture.auto_class)
     model = model_class.from_pretrained(checkpoint.path, dtype=dtype, trust_remote_code=False)
@@ -116,7 +119,6 @@ def down_projection_modules(model: Any, checkpoint: Checkpoint) -> list[Any]:
 class EncodedBatch:
     inputs: dict[str, Any]  # ready for model(**inputs), on the model's device
     position_mask: torch.Tensor  # (batch, sequence) bool: the profiled positions
-    lengths: list[int]  # unpadded length of each row
 
 
 def encode_batch(loaded: LoadedModel, rendered: list[RenderedSample], *, positions: str) -> EncodedBatch:
@@ -141,7 +143,6 @@ def encode_batch(loaded: LoadedModel, rendered: list[RenderedSample], *, positio
     input_ids = inputs["input_ids"]
     attention_mask = inputs["attention_mask"]
     mask = torch.zeros_like(input_ids, dtype=torch.bool)
-    lengths = []
     for row, item in enumerate(rendered):
         length = int(attention_mask[row].sum())
         answer_start = length - item.suffix_length
@@ -158,12 +159,17 @@ def encode_batch(loaded: LoadedModel, rendered: list[RenderedSample], *, positio
             positions, length=length, answer_start=answer_start, answer_length=item.answer_length
         )
         mask[row, selected.start : selected.stop] = True
-        lengths.append(length)
-    device_inputs = {name: value.to(loaded.device) if hasattr(value, "to") else value for name, value in inputs.items()}
-    for name, value in device_inputs.items():
-        if hasattr(value, "is_floating_point") and value.is_floating_point():
-            device_inputs[name] = value.to(loaded.dtype)
-    return EncodedBatch(inputs=device_inputs, position_mask=mask.to(loaded.device), lengths=lengths)
+    device_inputs = {name: _to_model(value, loaded) for name, value in inputs.items()}
+    return EncodedBatch(inputs=device_inputs, position_mask=mask.to(loaded.device))
+
+
+def _to_model(value: Any, loaded: LoadedModel) -> Any:
+    """A processor output on the model's device; pixel values in the model's dtype."""
+    if not hasattr(value, "to"):
+        return value
+    if value.is_floating_point():
+        return value.to(loaded.device, loaded.dtype)
+    return value.to(loaded.device)
 
 
 class CoefficientCollector:
@@ -178,6 +184,7 @@ class CoefficientCollector:
         self.modules = modules
         self._handles: list[Any] = []
         self._mask: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None  # (positions,): the sample of each profiled position
         self._sums: list[torch.Tensor | None] = [None] * len(modules)
 
     def __enter__(self) -> CoefficientCollector:
@@ -195,14 +202,13 @@ class CoefficientCollector:
 
         def hook(module: Any, args: tuple[Any, ...]) -> None:
             activations = args[0]  # (batch, sequence, m): the input of the down projection
-            mask = self._mask
-            assert mask is not None, "CoefficientCollector.run sets the mask before the forward pass"
+            mask, rows = self._mask, self._rows
+            assert mask is not None and rows is not None, "CoefficientCollector.run sets them first"
             if activations.shape[:2] != mask.shape:
                 raise ModelError(
                     f"down projection of layer {layer} saw input of shape {tuple(activations.shape)}; "
                     f"expected (batch, sequence, m) = {tuple(mask.shape)} + (m,)"
                 )
-            rows = mask.nonzero()[:, 0]  # (positions,): the sample of each profiled position
             selected = activations[mask].abs().to(torch.float64)  # (positions, m)
             sums = torch.zeros(mask.shape[0], activations.shape[-1], dtype=torch.float64, device=activations.device)
             self._sums[layer] = sums.index_add_(0, rows, selected)  # (batch, m)
@@ -213,6 +219,7 @@ class CoefficientCollector:
         import torch
 
         self._mask = batch.position_mask
+        self._rows = batch.position_mask.nonzero()[:, 0]
         self._sums = [None] * len(self.modules)
         with torch.inference_mode():
             loaded.model(**batch.inputs, use_cache=False, logits_to_keep=1)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from kvwctl.artifacts import PROFILE_FORMAT, model_metadata, write_artifact
 from kvwctl.checkpoint import check_output_file, open_checkpoint, resolve_model
 from kvwctl.console import NullTracker, Tracker
-from kvwctl.conversation import POSITION_MODES
+from kvwctl.conversation import POSITION_MODES, RenderedSample
 from kvwctl.data import file_sha256, load_samples
 from kvwctl.errors import KvwError
 from kvwctl.modeling import (
@@ -56,7 +56,7 @@ class ProfileResult:
 
 def collect_sums(
     loaded: LoadedModel,
-    rendered: list,
+    rendered: list[RenderedSample],
     *,
     positions: str,
     batch_size: int,
