@@ -179,63 +179,53 @@ def test_output_loads_and_generates(model_type: str, mode: str, checkpoints, pip
     assert torch.equal(layers[2].mlp.down_proj.weight, load_tensor(out, checkpoint.down_projections[2].name))
 
 
-def test_progressive_equals_one_shot_when_gamma_is_zero(checkpoints, pipelines, data, tmp_path: Path) -> None:
-    source = checkpoints["llava"]
+def progressive(model_type: str, checkpoints, pipelines, data, out: Path, *, gamma: float, layers: str):
+    """A progressive run on the fixture data; returns its result and the exposure it applied."""
     result = run_progressive(
-        str(source),
+        str(checkpoints[model_type]),
         data["forget"],
-        pipelines["llava"]["retain"],
-        tmp_path / "p",
-        gamma=0.0,
-        layers=":",
+        pipelines[model_type]["retain"],
+        out,
+        gamma=gamma,
+        layers=layers,
     )
-    progressive = read_artifact(tmp_path / "p.exposure.safetensors", ACCESSOR_FORMAT)
-    one_shot = read_artifact(pipelines["llava"]["accessor"], ACCESSOR_FORMAT)
-    assert progressive.metadata["mode"] == "progressive"
-    for layer in range(4):
+    return result, read_artifact(out.parent / f"{out.name}.exposure.safetensors", ACCESSOR_FORMAT)
+
+
+def assert_same_exposure(first, second, layers) -> None:
+    for layer in layers:
         torch.testing.assert_close(
-            progressive.layer_tensor(layer, "exposure"), one_shot.layer_tensor(layer, "exposure"), rtol=1e-6, atol=0
+            first.layer_tensor(layer, "exposure"), second.layer_tensor(layer, "exposure"), rtol=1e-6, atol=0
         )
+
+
+def test_progressive_equals_one_shot_when_gamma_is_zero(checkpoints, pipelines, data, tmp_path: Path) -> None:
+    result, applied = progressive("llava", checkpoints, pipelines, data, tmp_path / "p", gamma=0.0, layers=":")
+    assert applied.metadata["mode"] == "progressive"
+    assert_same_exposure(applied, read_artifact(pipelines["llava"]["accessor"], ACCESSOR_FORMAT), range(4))
     # gamma = 0 leaves every weight as it was.
-    assert tensor_bytes_on_disk(source) == tensor_bytes_on_disk(result.path)
+    assert tensor_bytes_on_disk(checkpoints["llava"]) == tensor_bytes_on_disk(result.path)
     assert result.manifest["mode"] == "progressive"
 
 
 def test_progressive_equals_one_shot_on_a_single_layer(checkpoints, pipelines, data, tmp_path: Path) -> None:
     # Weakening layer 2 cannot change its own input, nor the layers before it: no feedback.
     source = checkpoints["qwen2_vl"]
-    progressive = run_progressive(
-        str(source),
-        data["forget"],
-        pipelines["qwen2_vl"]["retain"],
-        tmp_path / "p",
-        gamma=2.0,
-        layers="2",
-    ).path
+    result, applied = progressive("qwen2_vl", checkpoints, pipelines, data, tmp_path / "p", gamma=2.0, layers="2")
     one_shot = run_apply(str(source), pipelines["qwen2_vl"]["accessor"], tmp_path / "o", gamma=2.0, layers="2").path
-    applied = read_artifact(tmp_path / "p.exposure.safetensors", ACCESSOR_FORMAT)
     accessor = read_artifact(pipelines["qwen2_vl"]["accessor"], ACCESSOR_FORMAT)
-    for layer in (0, 1, 2):  # up to the edited layer the model is the original one at every step
-        torch.testing.assert_close(
-            applied.layer_tensor(layer, "exposure"), accessor.layer_tensor(layer, "exposure"), rtol=1e-6, atol=0
-        )
+    assert_same_exposure(applied, accessor, (0, 1, 2))  # up to the edited layer the model is the original
     name = open_checkpoint(resolve_model(str(source))).down_projections[2].name
-    torch.testing.assert_close(load_tensor(progressive, name), load_tensor(one_shot, name), rtol=1e-6, atol=0)
+    torch.testing.assert_close(load_tensor(result.path, name), load_tensor(one_shot, name), rtol=1e-6, atol=0)
     assert json.loads(applied.metadata["applied_layers"]) == [2]
 
 
 def test_progressive_feedback_changes_later_layers(checkpoints, pipelines, data, tmp_path: Path) -> None:
-    source = checkpoints["qwen2_vl"]
-    run_progressive(
-        str(source), data["forget"], pipelines["qwen2_vl"]["retain"], tmp_path / "p", gamma=5.0, layers="0:3"
-    )
-    applied = read_artifact(tmp_path / "p.exposure.safetensors", ACCESSOR_FORMAT)
+    _, applied = progressive("qwen2_vl", checkpoints, pipelines, data, tmp_path / "p", gamma=5.0, layers="0:3")
     accessor = read_artifact(pipelines["qwen2_vl"]["accessor"], ACCESSOR_FORMAT)
     # Nothing before layer 0 is edited, so its coefficients never move; layer 3's do once the
     # layers before it are weakened.
-    torch.testing.assert_close(
-        applied.layer_tensor(0, "exposure"), accessor.layer_tensor(0, "exposure"), rtol=1e-6, atol=0
-    )
+    assert_same_exposure(applied, accessor, (0,))
     assert not torch.allclose(applied.layer_tensor(3, "exposure"), accessor.layer_tensor(3, "exposure"))
 
 
@@ -243,11 +233,8 @@ def test_progressive_exposure_file_reproduces_the_progressive_checkpoint(
     checkpoints, pipelines, data, tmp_path: Path
 ) -> None:
     source = checkpoints["llava"]
-    progressive = run_progressive(
-        str(source), data["forget"], pipelines["llava"]["retain"], tmp_path / "p", gamma=1.5, layers="0:3"
-    ).path
+    result, _ = progressive("llava", checkpoints, pipelines, data, tmp_path / "p", gamma=1.5, layers="0:3")
     replayed = run_apply(str(source), tmp_path / "p.exposure.safetensors", tmp_path / "r", gamma=1.5, layers="0:3").path
-    checkpoint = open_checkpoint(resolve_model(str(source)))
-    for shard in checkpoint.shards:
-        assert (progressive / shard).read_bytes() == (replayed / shard).read_bytes(), shard
-    assert tensor_bytes_on_disk(progressive) != tensor_bytes_on_disk(source)
+    for shard in open_checkpoint(resolve_model(str(source))).shards:
+        assert (result.path / shard).read_bytes() == (replayed / shard).read_bytes(), shard
+    assert tensor_bytes_on_disk(result.path) != tensor_bytes_on_disk(source)

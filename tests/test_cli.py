@@ -334,3 +334,33 @@ def test_entry_point_exit_codes(tmp_path: Path) -> None:
     assert f"Error: {tmp_path / 'x'} does not exist" in completed.stderr.splitlines()
     usage = subprocess.run([sys.executable, "-m", "kvwctl", "apply", "--gamma", "x"], capture_output=True, text=True)
     assert usage.returncode == 2
+
+
+def test_accessor_refuses_profiles_of_different_positions(checkpoints, data, profiles, tmp_path: Path) -> None:
+    all_positions = tmp_path / "f-all.safetensors"
+    made = invoke(
+        "profile", "--model", checkpoints["qwen2"], "--data", data["forget-text"], "--split", "forget",
+        "--positions", "all", "--out", all_positions,
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    result = invoke(
+        "accessor", "--forget", all_positions, "--retain", profiles["qwen2-retain"], "--out", tmp_path / "a"
+    )
+    expect_error(result, "profiles positions 'all' but")
+
+
+def test_revision_is_refused_for_a_local_directory(checkpoints, profiles, tmp_path: Path) -> None:
+    result = invoke(
+        "apply", "--model", checkpoints["qwen2"], "--revision", "v1", "--accessor", profiles["qwen2-accessor"],
+        "--out", tmp_path / "o",
+    )  # fmt: skip
+    expect_error(result, "is a local directory")
+
+
+def test_progressive_refuses_a_forget_profile_as_retain(checkpoints, data, profiles, tmp_path: Path) -> None:
+    result = invoke(
+        "apply", "--model", checkpoints["qwen2"], "--progressive", "--forget-data", data["forget-text"],
+        "--retain", profiles["qwen2-forget"], "--out", tmp_path / "o",
+    )  # fmt: skip
+    expect_error(result, "is a forget profile; expected a retain profile")
+    assert not (tmp_path / "o").exists()
