@@ -16,6 +16,9 @@ states we profile are the ones the model produces in use:
 * **Content format.** Multimodal templates take a list of parts (``{"type": "image"}``,
   ``{"type": "text", ...}``); many text-only templates accept only a plain string.
 
+For generation (``kvwctl eval``) the same prompt is rendered alone, ending with the template's
+generation prompt, and tokenized by the same BOS rule (``render_prompt``).
+
 Processors expand image placeholders into many image tokens, all of them before the answer, so
 answer positions are recorded as a distance from the end of the sequence and checked against the
 processor's ids.
@@ -30,6 +33,15 @@ from kvwctl.data import Sample
 from kvwctl.errors import DataError, ModelError
 
 POSITION_MODES = ("answer", "answer-tokens", "all")
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """A sample's prompt, ending with the template's generation prompt: what ``generate`` continues."""
+
+    sample: Sample
+    text: str
+    add_special_tokens: bool
 
 
 @dataclass(frozen=True)
@@ -64,8 +76,9 @@ class ChatRenderer:
         if not getattr(self.tokenizer, "is_fast", False):
             raise ModelError("the model's tokenizer is not a fast tokenizer; answer offsets need one")
         if self.tokenizer.pad_token is None:
-            # Many tokenizers (Llama 2/3) define none. Batches are padded on the right and padding
-            # is masked out of attention and profiling, so the id does not matter.
+            # Many tokenizers (Llama 2/3) define none. Batches are padded (on the right for teacher
+            # forcing, on the left for generation) and padding is masked out of attention, profiling
+            # and scoring, so the id does not matter; generated pads decode as special tokens.
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.bos_token = self.tokenizer.bos_token
         self.bos_token_id = self.tokenizer.bos_token_id
@@ -86,6 +99,14 @@ class ChatRenderer:
     def prompt_text(self, sample: Sample) -> str:
         """The rendered prompt, ending with the template's generation prompt."""
         return self._render(self.messages(sample, with_answer=False), generation_prompt=True)
+
+    def render_prompt(self, sample: Sample) -> RenderedPrompt:
+        """The prompt for generation, tokenized the way ``render`` tokenizes the whole conversation."""
+        text = self.prompt_text(sample)
+        add_special_tokens = self.add_special_tokens(text)
+        token_ids = list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        self.check_bos(token_ids, sample)
+        return RenderedPrompt(sample=sample, text=text, add_special_tokens=add_special_tokens)
 
     def add_special_tokens(self, text: str) -> bool:
         """Whether tokenizing ``text`` should add special tokens: not if the template wrote BOS."""

@@ -5,6 +5,9 @@ down projection (``act(gate(h)) * up(h)`` for gated MLPs). ``CoefficientCollecto
 forward pre-hook on every down projection of the language model and, for each batch, adds up
 ``|a|`` over the profiled positions of each sample, in float64 on the model's device.
 
+``encode_batch`` tokenizes whole conversations (right padding) for profiling and teacher-forced
+scoring; ``encode_prompts`` tokenizes prompts alone (left padding) for generation.
+
 torch and transformers are imported inside functions so that ``kvwctl --help`` stays instant.
 """
 
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvwctl.checkpoint import Checkpoint
-from kvwctl.conversation import ChatRenderer, RenderedSample, profiled_positions
+from kvwctl.conversation import ChatRenderer, RenderedPrompt, RenderedSample, profiled_positions
 from kvwctl.data import Sample, load_image
 from kvwctl.errors import KvwError, ModelError
 
@@ -161,6 +164,37 @@ def encode_batch(loaded: LoadedModel, rendered: list[RenderedSample], *, positio
         mask[row, selected.start : selected.stop] = True
     device_inputs = {name: _to_model(value, loaded) for name, value in inputs.items()}
     return EncodedBatch(inputs=device_inputs, position_mask=mask.to(loaded.device))
+
+
+def encode_prompts(loaded: LoadedModel, prompts: list[RenderedPrompt]) -> dict[str, Any]:
+    """Tokenize a batch of prompts for generation, with LEFT padding.
+
+    Every row then ends at the last column, so the tokens ``generate`` appends follow each prompt
+    directly; the attention mask hides the padding (and the model derives positions from it).
+    """
+    renderer = loaded.renderer
+    flags = {prompt.add_special_tokens for prompt in prompts}
+    if len(flags) != 1:
+        raise ModelError("samples of one batch disagree on whether the template writes BOS")
+    kwargs: dict[str, Any] = dict(
+        text=[prompt.text for prompt in prompts],
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+        add_special_tokens=flags.pop(),
+    )
+    images = [load_image(path) for prompt in prompts for path in prompt.sample.images]
+    if images:
+        kwargs["images"] = images
+    inputs = dict(renderer.processor(**kwargs))
+    input_ids = inputs["input_ids"]  # (batch, sequence)
+    attention_mask = inputs["attention_mask"]  # (batch, sequence)
+    if not bool(attention_mask[:, -1].all()):
+        raise ModelError("the processor did not pad the prompts on the left")
+    for row, prompt in enumerate(prompts):
+        start = input_ids.shape[1] - int(attention_mask[row].sum())  # the first non-pad token
+        renderer.check_bos(input_ids[row, start : start + 2].tolist(), prompt.sample)
+    return {name: _to_model(value, loaded) for name, value in inputs.items()}
 
 
 def _to_model(value: Any, loaded: LoadedModel) -> Any:
