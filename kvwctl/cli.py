@@ -4,6 +4,7 @@
     kvwctl profile --split forget
     kvwctl accessor
     kvwctl apply --gamma 0.02 --layers 2:26
+    kvwctl eval --require 'forget.keyword_acc <= 0.1' --require 'retain.keyword_acc >= 0.95*baseline'
 
 stdout carries only results (the output path, or JSON with ``--json``); messages, tables and
 progress bars go to stderr. Exit codes: 0 success, 1 bad input or failed check (``Error: …`` and
@@ -21,11 +22,12 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich import box
 from rich.table import Table
 
 from kvwctl import __version__, console
 from kvwctl.config import ProjectConfig, load_config, require
-from kvwctl.errors import KvwError
+from kvwctl.errors import KvwError, UsageError
 
 app = typer.Typer(
     name="kvwctl",
@@ -68,13 +70,17 @@ PositionsOption = Annotated[
 ]
 
 
-def command(function: F) -> F:
-    """Register a command and give it the single error-handling site of the CLI.
+def command(name: str | None = None) -> Callable[[F], F]:
+    """Register a command (named after the function unless ``name`` is given) and give it the
+    single error-handling site of the CLI.
 
     ``KvwError`` becomes ``Error: …`` plus its hint on stderr and the error's exit code;
     Ctrl-C exits 130. With ``--debug`` the exception propagates with its traceback.
     """
+    return functools.partial(_register, name=name)
 
+
+def _register(function: F, *, name: str | None) -> F:
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         console.set_quiet(bool(kwargs.get("quiet")))
@@ -93,7 +99,7 @@ def command(function: F) -> F:
             console.stderr_console().print("Interrupted.")
             raise typer.Exit(130) from None
 
-    app.command()(wrapper)
+    app.command(name=name)(wrapper)
     return function
 
 
@@ -127,7 +133,7 @@ def _default(value: Any, config_value: Any, fallback: Any) -> Any:
 # --- commands ------------------------------------------------------------------------------------
 
 
-@command
+@command()
 def profile(
     split: Annotated[str, typer.Option("--split", help="retain (pooled sums) or forget (per-sample sums)")],
     model: ModelOption = None,
@@ -183,7 +189,7 @@ def profile(
     )
 
 
-@command
+@command()
 def accessor(
     forget: Annotated[
         Path | None, typer.Option("--forget", help="Forget profile [default: <workdir>/profile-forget.safetensors]")
@@ -239,7 +245,7 @@ def accessor(
     )
 
 
-@command
+@command()
 def apply(
     model: ModelOption = None,
     revision: RevisionOption = None,
@@ -364,6 +370,169 @@ def apply(
     console.show(table)
     console.info(f"Wrote {result.path}")
     _emit(result.path, {"manifest": manifest}, json_output)
+
+
+def _parse_data_options(values: list[str]) -> dict[str, Path]:
+    """``--data NAME=FILE`` (repeatable) as an ordered name -> path mapping."""
+    splits: dict[str, Path] = {}
+    for value in values:
+        name, separator, path = value.partition("=")
+        if not separator or not name.strip() or not path.strip():
+            raise UsageError(
+                f"invalid --data {value!r}", hint="write --data NAME=FILE, e.g. --data forget=forget.jsonl"
+            )
+        if name.strip() in splits:
+            raise UsageError(f"--data names the split {name.strip()!r} twice")
+        splits[name.strip()] = Path(path.strip())
+    return splits
+
+
+def _eval_table(report: dict[str, Any]) -> Table:
+    """A row per split.metric (as gates name them), a column per model, each model's ratio to the baseline."""
+    results = report["results"]
+    roles = list(results)
+    ratios = [role for role in roles if role != "baseline"] if "baseline" in results else []
+    table = Table(
+        title="eval (n: samples with the metric)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    table.add_column("split.metric", no_wrap=True)
+    table.add_column("n", justify="right", no_wrap=True)
+    for role in roles:
+        table.add_column(role, justify="right", no_wrap=True)
+    for role in ratios:
+        table.add_column(f"{'ref' if role == 'reference' else role}/base", justify="right", no_wrap=True)
+
+    def number(summary: dict[str, Any]) -> str:
+        return "-" if summary["mean"] is None else f"{summary['mean']:.4f}"
+
+    def ratio(summary: dict[str, Any], baseline: dict[str, Any]) -> str:
+        if summary["mean"] is None or not baseline["mean"]:
+            return "-"
+        return f"{summary['mean'] / baseline['mean']:.3f}"
+
+    for split, metrics in results["model"].items():
+        for metric, summary in metrics.items():
+            row = [f"{split}.{metric}", str(summary["count"])]
+            row += [number(results[role][split][metric]) for role in roles]
+            row += [ratio(results[role][split][metric], results["baseline"][split][metric]) for role in ratios]
+            table.add_row(*row)
+        table.add_section()
+    return table
+
+
+@command("eval")
+def evaluate(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", help="Hub id or checkpoint directory to evaluate [default with kvw.toml: <workdir>/unlearned]"
+        ),
+    ] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub branch, tag or commit of --model")] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            "--baseline",
+            help="The model before unlearning, for ratios and gates [default with kvw.toml and no --model: model]",
+        ),
+    ] = None,
+    reference: Annotated[
+        str | None,
+        typer.Option("--reference", help="An oracle model (e.g. never trained on the forget set), for comparison"),
+    ] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option("--data", help="A split as NAME=FILE (JSON Lines); repeatable [default: kvw.toml [splits]]"),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Report file [default: <workdir>/eval.json with kvw.toml, else eval.json]"),
+    ] = None,
+    samples_out: Annotated[
+        Path | None,
+        typer.Option("--samples-out", help="Per-sample JSON Lines [default: the report path with .samples.jsonl]"),
+    ] = None,
+    require: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--require",
+            help="A gate: SPLIT.METRIC OP EXPR, e.g. 'forget.keyword_acc <= 0.1' or "
+            "'retain.keyword_acc >= 0.95*baseline'; repeatable; exit 1 if one fails",
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", help="Generated tokens per sample [kvw.toml; default: 32]")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Samples per batch [kvw.toml; default: 8]")
+    ] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    force: ForceOption = False,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Generation and likelihood metrics of a model (and a baseline) on data splits, with gates."""
+    from kvwctl.evaluate import ModelSpec, run_eval
+
+    project = load_config(config)
+    if model is None and project.source is not None:
+        model = str(project.workdir / "unlearned")
+        if not Path(model).is_dir():
+            raise UsageError(
+                "missing --model",
+                hint=f"pass --model, or run kvwctl apply first: eval's default model is its output {model}",
+            )
+        baseline = baseline or project.model
+    if model is None:
+        raise UsageError(
+            "missing --model", hint="pass --model; with a kvw.toml, eval defaults to <workdir>/unlearned (from apply)"
+        )
+    models = {"model": ModelSpec(model, _revision(revision, model, project))}
+    for role, reference_name in (("baseline", baseline), ("reference", reference)):
+        if reference_name is not None:
+            models[role] = ModelSpec(reference_name, _revision(None, reference_name, project))
+    splits = _parse_data_options(data) if data else dict(project.splits)
+    if not splits:
+        raise UsageError("missing --data", hint="pass --data NAME=FILE (repeatable) or set [splits] in kvw.toml")
+    out = out or (project.workdir / "eval.json" if project.source is not None else Path("eval.json"))
+    settings = dict(
+        max_new_tokens=_default(max_new_tokens, project.max_new_tokens, 32),
+        batch_size=_default(batch_size, project.batch_size, 8),
+        device=_default(device, project.device, "auto"),
+        dtype=_default(dtype, project.dtype, "auto"),
+    )
+    _show_inputs(
+        "eval",
+        {
+            **{role: spec.reference for role, spec in models.items()},
+            **{f"data {name}": path for name, path in splits.items()},
+            "out": out,
+            **settings,
+        },
+    )
+    with console.progress_tracker() as tracker:
+        result = run_eval(
+            models, splits, out, samples_out=samples_out, gates=require or [], force=force, tracker=tracker, **settings
+        )
+    console.show(_eval_table(result.report))
+    for outcome in result.outcomes:
+        console.info(f"gate {outcome.describe()}")
+    console.info(f"Wrote {result.path} and {result.samples_path}")
+    if result.failed:
+        count = len(result.failed)
+        raise KvwError(
+            f"{count} gate{'s' if count > 1 else ''} failed: "
+            + "; ".join(outcome.describe() for outcome in result.failed),
+            hint=f"the report with every gate's outcome is in {result.path}",
+        )
+    _emit(result.path, {"samples": str(result.samples_path), **result.report}, json_output)
 
 
 @app.command()
