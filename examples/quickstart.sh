@@ -10,6 +10,7 @@
 # $KVW_EXAMPLES_CACHE (default ~/.cache/kvwctl-examples). Then:
 # profile (retain, forget) -> accessor -> apply -> eval of vanilla, KVW and oracle.
 set -euo pipefail
+export COLUMNS=${COLUMNS:-120}  # the comparison table is wider than 80 columns when stderr is not a terminal
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 work=${1:-quickstart}
 rm -rf "$work"

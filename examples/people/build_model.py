@@ -337,7 +337,9 @@ def batch_loss(model: Any, batch: list[Sequence]) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), labels)
 
 
-def train(variant: str, *, epochs: int, batch_size: int, learning_rate: float, cache: Path | None) -> None:
+def train(
+    variant: str, *, epochs: int, batch_size: int, learning_rate: float, cache: Path | None, out: Path | None
+) -> None:
     torch.manual_seed(SEED)
     rng = random.Random(SEED)
     people = {person["person"]: person for person in map(json.loads, (DATA / "people.jsonl").open())}
@@ -383,8 +385,9 @@ def train(variant: str, *, epochs: int, batch_size: int, learning_rate: float, c
             f"epoch {epoch + 1}/{epochs}: loss {total / len(order):.4f} ({time.time() - started:.0f} s)",
             file=sys.stderr,
         )
-    WEIGHTS.mkdir(exist_ok=True)
-    save_file(lora_state(model), WEIGHTS / f"{variant}-lora.safetensors")
+    out = out or WEIGHTS / f"{variant}-lora.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(lora_state(model), out)
 
 
 def select_world(cache: Path | None) -> None:
@@ -420,6 +423,7 @@ def main() -> None:
     train_parser.add_argument("--epochs", type=int, default=30)
     train_parser.add_argument("--batch-size", type=int, default=4)
     train_parser.add_argument("--learning-rate", type=float, default=3e-3)
+    train_parser.add_argument("--out", type=Path, default=None, help="default: weights/VARIANT-lora.safetensors")
     assemble_parser = commands.add_parser("assemble")
     assemble_parser.add_argument("variant", choices=["base", "vanilla", "oracle"])
     assemble_parser.add_argument("out", type=Path)
@@ -432,7 +436,7 @@ def main() -> None:
     arguments = parser.parse_args()
     if arguments.command == "train":
         train(arguments.variant, epochs=arguments.epochs, batch_size=arguments.batch_size,
-              learning_rate=arguments.learning_rate, cache=arguments.cache)  # fmt: skip
+              learning_rate=arguments.learning_rate, cache=arguments.cache, out=arguments.out)  # fmt: skip
     elif arguments.command == "world":
         select_world(arguments.cache)
     elif arguments.command == "assemble":

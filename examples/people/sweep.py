@@ -56,6 +56,30 @@ def keyword_scores(loaded, splits: dict, *, max_new_tokens: int) -> dict[str, fl
     return scores
 
 
+def diagnose(loaded, layer_text: str, splits: dict, max_new_tokens: int) -> dict[str, float]:
+    """Keyword accuracy with SmolLM2's own MLP weights back in the given layers (then restored).
+
+    If the fine-tuned facts survive this, they do not live in those MLPs and KVW cannot reach them.
+    """
+    from safetensors import safe_open
+
+    layers = parse_layers(layer_text, len(loaded.down_projections))
+    decoder = loaded.model.model.language_model.layers
+    saved = {}
+    base_file = build_model.smollm2.base_checkpoint() / "model.safetensors"
+    with safe_open(str(base_file), framework="pt") as base, torch.no_grad():
+        for layer in layers:
+            for name in build_model.LORA_TARGETS:
+                module = getattr(decoder[layer].mlp, name)
+                saved[layer, name] = module.weight.detach().clone()
+                module.weight.copy_(base.get_tensor(f"model.layers.{layer}.mlp.{name}.weight"))
+    scores = keyword_scores(loaded, splits, max_new_tokens=max_new_tokens)
+    with torch.no_grad():
+        for (layer, name), weight in saved.items():
+            getattr(decoder[layer].mlp, name).weight.copy_(weight)
+    return scores
+
+
 def profile(model: Path, split: str, positions: str, out: Path) -> Path:
     if not out.is_file():
         data = build_model.DATA / f"{split}.jsonl"
@@ -76,6 +100,10 @@ def main() -> None:
     parser.add_argument("--gammas", nargs="+", type=float, default=[0.1, 0.3, 1.0, 3.0])
     parser.add_argument("--retain-people", type=int, default=8, help="retain people scored (7 questions each)")
     parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument(
+        "--diagnose", nargs="*", default=[], metavar="A:B",
+        help="also score vanilla with the base model's MLP weights put back in these layers",
+    )  # fmt: skip
     arguments = parser.parse_args()
     arguments.workdir.mkdir(parents=True, exist_ok=True)
 
@@ -92,6 +120,10 @@ def main() -> None:
     baseline = keyword_scores(loaded, splits, max_new_tokens=arguments.max_new_tokens)
     rows.append({"setting": "vanilla", **baseline})
     print(f"vanilla: {baseline} ({time.time() - started:.0f} s)", file=sys.stderr)
+    for layer_text in arguments.diagnose:
+        rows.append({"diagnostic": layer_text, **diagnose(loaded, layer_text, splits, arguments.max_new_tokens)})
+        print(f"{rows[-1]} ({time.time() - started:.0f} s)", file=sys.stderr)
+
     for positions in arguments.positions:
         retain = read_artifact(
             profile(vanilla, "retain", positions, arguments.workdir / f"retain-{positions}.safetensors"),
@@ -133,6 +165,10 @@ def main() -> None:
     for row in rows:
         if row.get("setting") == "vanilla":
             print("| vanilla | | | | | | " + " | ".join(f"{row[s]:.2f}" for s in SPLITS) + " |")
+            continue
+        if "diagnostic" in row:
+            label = f"vanilla, base MLPs in {row['diagnostic']}"
+            print(f"| {label} | | | | | | " + " | ".join(f"{row[s]:.2f}" for s in SPLITS) + " |")
             continue
         print(
             f"| {row['positions']} | {row['batch_size']} | {row['layers']} | {row['gamma']:g} | "
