@@ -34,6 +34,7 @@ app = typer.Typer(
     help="Make a (vision-)language model forget chosen data without training: Knowledge Vector Weakening.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # help texts contain literal [default: …] brackets, not Rich markup
     pretty_exceptions_show_locals=False,  # locals would be multi-GB tensors
 )
 

@@ -34,6 +34,15 @@ def test_help_lists_commands_without_importing_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_help_shows_the_defaults_written_in_brackets() -> None:
+    # Rich markup would swallow "[default: …]" as a tag; the help must show it verbatim.
+    result = runner.invoke(app, ["accessor", "--help"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # undo the line wrapping
+    assert "[default: 1, as the paper]" in text
+    assert "[default: <workdir>/accessor.safetensors]" in text
+
+
 def test_pipeline_from_kvw_toml(checkpoints, data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "kvw.toml").write_text(
         f'model = "{checkpoints["llava"]}"\nworkdir = "run"\n\n[splits]\n'
