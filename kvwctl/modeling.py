@@ -13,6 +13,7 @@ torch and transformers are imported inside functions so that ``kvwctl --help`` s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -124,25 +125,32 @@ class EncodedBatch:
     position_mask: torch.Tensor  # (batch, sequence) bool: the profiled positions
 
 
+def _process(
+    renderer: ChatRenderer, items: Sequence[RenderedSample | RenderedPrompt], *, padding_side: str
+) -> dict[str, Any]:
+    """One processor call for a batch of rendered texts (and their images), padded on one side."""
+    flags = {item.add_special_tokens for item in items}
+    if len(flags) != 1:
+        raise ModelError("samples of one batch disagree on whether the template writes BOS")
+    kwargs: dict[str, Any] = dict(
+        text=[item.text for item in items],
+        return_tensors="pt",
+        padding=True,
+        padding_side=padding_side,
+        add_special_tokens=flags.pop(),
+    )
+    images = [load_image(path) for item in items for path in item.sample.images]
+    if images:
+        kwargs["images"] = images
+    return dict(renderer.processor(**kwargs))
+
+
 def encode_batch(loaded: LoadedModel, rendered: list[RenderedSample], *, positions: str) -> EncodedBatch:
     """Tokenize a batch through the processor (right padding) and mark the profiled positions."""
     import torch
 
     renderer = loaded.renderer
-    flags = {item.add_special_tokens for item in rendered}
-    if len(flags) != 1:
-        raise ModelError("samples of one batch disagree on whether the template writes BOS")
-    kwargs: dict[str, Any] = dict(
-        text=[item.text for item in rendered],
-        return_tensors="pt",
-        padding=True,
-        padding_side="right",
-        add_special_tokens=flags.pop(),
-    )
-    images = [load_image(path) for item in rendered for path in item.sample.images]
-    if images:
-        kwargs["images"] = images
-    inputs = dict(renderer.processor(**kwargs))
+    inputs = _process(renderer, rendered, padding_side="right")
     input_ids = inputs["input_ids"]
     attention_mask = inputs["attention_mask"]
     mask = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -173,20 +181,7 @@ def encode_prompts(loaded: LoadedModel, prompts: list[RenderedPrompt]) -> dict[s
     directly; the attention mask hides the padding (and the model derives positions from it).
     """
     renderer = loaded.renderer
-    flags = {prompt.add_special_tokens for prompt in prompts}
-    if len(flags) != 1:
-        raise ModelError("samples of one batch disagree on whether the template writes BOS")
-    kwargs: dict[str, Any] = dict(
-        text=[prompt.text for prompt in prompts],
-        return_tensors="pt",
-        padding=True,
-        padding_side="left",
-        add_special_tokens=flags.pop(),
-    )
-    images = [load_image(path) for prompt in prompts for path in prompt.sample.images]
-    if images:
-        kwargs["images"] = images
-    inputs = dict(renderer.processor(**kwargs))
+    inputs = _process(renderer, prompts, padding_side="left")
     input_ids = inputs["input_ids"]  # (batch, sequence)
     attention_mask = inputs["attention_mask"]  # (batch, sequence)
     if not bool(attention_mask[:, -1].all()):
