@@ -13,8 +13,14 @@ set -euo pipefail
 export COLUMNS=${COLUMNS:-120}  # the comparison table is wider than 80 columns when stderr is not a terminal
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 work=${1:-quickstart}
+# Replace only a directory this script made (it leaves a marker file), never anything else.
+if [ -e "$work" ] && [ -n "$(ls -A "$work" 2>/dev/null)" ] && [ ! -e "$work/.kvw-quickstart" ]; then
+  echo "Error: $work exists and was not made by this script; give another directory" >&2
+  exit 1
+fi
 rm -rf "$work"
 mkdir -p "$work"
+touch "$work/.kvw-quickstart"
 work=$(cd "$work" && pwd)
 
 vanilla=$(python "$here/people/build_model.py" checkpoint vanilla)

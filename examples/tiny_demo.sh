@@ -8,8 +8,14 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 work=${1:-tiny-demo}
+# Replace only a directory this script made (it leaves a marker file), never anything else.
+if [ -e "$work" ] && [ -n "$(ls -A "$work" 2>/dev/null)" ] && [ ! -e "$work/.kvw-tiny-demo" ]; then
+  echo "Error: $work exists and was not made by this script; give another directory" >&2
+  exit 1
+fi
 rm -rf "$work"
 mkdir -p "$work"
+touch "$work/.kvw-tiny-demo"
 work=$(cd "$work" && pwd)
 
 python - "$work/data" <<'PY'
