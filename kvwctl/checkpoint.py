@@ -289,19 +289,31 @@ def check_output_file(out: Path, *, force: bool) -> None:
         raise KvwError(f"output {out} is a directory; expected a file path")
 
 
+@contextmanager
+def atomic_file(out: Path) -> Iterator[Path]:
+    """A temporary file beside ``out``, renamed onto it only if the block succeeds.
+
+    ``out`` is never half-written and never overwritten in place (it may be memory-mapped as an
+    input); a failed or interrupted block leaves it as it was and removes the temporary file.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.replace(temporary, out)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
 def save_safetensors_atomically(tensors: dict[str, Any], out: Path, metadata: dict[str, str]) -> None:
     """Write a safetensors file through a temporary file and ``os.replace``."""
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(handle)
-    try:
+    with atomic_file(out) as temporary:
         save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, temporary, metadata=metadata)
-        os.replace(temporary, out)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def copy_patched_shard(source: Path, target: Path, patches: dict[tuple[int, int], bytes]) -> None:

@@ -31,19 +31,16 @@ import functools
 import gc
 import json
 import operator
-import os
 import re
 import string
-import tempfile
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvwctl import __version__
-from kvwctl.checkpoint import Checkpoint, check_output_file, open_checkpoint, resolve_model
+from kvwctl.checkpoint import Checkpoint, atomic_file, check_output_file, open_checkpoint, resolve_model
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.conversation import RenderedSample
 from kvwctl.data import Sample, file_sha256, load_samples
@@ -560,7 +557,7 @@ def run_eval(
         "gates": [outcome.as_json() for outcome in outcomes],
         "samples_sha256": file_sha256(samples_out),
     }
-    with _atomic_file(out) as temporary:
+    with atomic_file(out) as temporary:
         temporary.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return EvalResult(path=out, samples_path=samples_out, report=report, outcomes=outcomes)
 
@@ -594,7 +591,7 @@ def _settings(max_new_tokens: int, batch_size: int, device: torch.device, dtype:
 def _write_samples(path: Path, per_sample: dict[str, dict[str, list[SampleResult]]]) -> None:
     import jsonlines
 
-    with _atomic_file(path) as temporary, jsonlines.open(temporary, mode="w", compact=True) as writer:
+    with atomic_file(path) as temporary, jsonlines.open(temporary, mode="w", compact=True) as writer:
         for role, splits in per_sample.items():
             for split, results in splits.items():
                 for result in results:
@@ -611,18 +608,3 @@ def _write_samples(path: Path, per_sample: dict[str, dict[str, list[SampleResult
                             "mc_choice": result.mc_choice,
                         }
                     )
-
-
-@contextmanager
-def _atomic_file(out: Path) -> Iterator[Path]:
-    """A temporary file beside ``out``, renamed onto it only if the block succeeds."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(handle)
-    temporary = Path(name)
-    try:
-        yield temporary
-        os.replace(temporary, out)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
