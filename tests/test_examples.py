@@ -53,7 +53,7 @@ def test_splits_are_valid_and_separate_the_people() -> None:
             assert not sample.options or sample.answer in sample.options
 
 
-def test_portraits_differ_between_people_and_renderings(make_data) -> None:
+def test_portraits_differ_between_people_and_renderings() -> None:
     from PIL import Image
 
     people = [json.loads(line) for line in (DATA / "people.jsonl").open()]

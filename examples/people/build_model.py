@@ -33,9 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -53,8 +51,10 @@ sys.path.insert(0, str(HERE))
 import make_data  # noqa: E402
 import smollm2  # noqa: E402
 
+from kvwctl.checkpoint import staged_output_dir  # noqa: E402
 from kvwctl.conversation import ChatRenderer  # noqa: E402
-from kvwctl.data import Sample, load_samples  # noqa: E402
+from kvwctl.data import Sample, file_sha256, load_samples  # noqa: E402
+from kvwctl.evaluate import keyword_accuracy, keyword_targets  # noqa: E402
 
 DATA = HERE / "data"
 WEIGHTS = HERE / "weights"
@@ -172,12 +172,9 @@ def assemble(variant: str, out: Path, *, cache: Path | None = None, base_mlp_lay
     model, processor = build_llava(smollm2.base_checkpoint(cache))
     if variant != "base":
         merge_lora(model, load_file(WEIGHTS / f"{variant}-lora.safetensors"), skip=base_mlp_layers)
-    staging = Path(tempfile.mkdtemp(prefix=f".{variant}-", dir=out.parent))
-    model.save_pretrained(staging)
-    processor.save_pretrained(staging)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    with staged_output_dir(out, force=True) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
     return out
 
 
@@ -185,7 +182,7 @@ def checkpoint(variant: str, cache: Path | None = None) -> Path:
     """The assembled checkpoint of ``variant`` in the cache, built at first use."""
     cache = cache or smollm2.default_cache()
     adapters = WEIGHTS / f"{variant}-lora.safetensors"
-    stamp = "base" if variant == "base" else __import__("hashlib").sha256(adapters.read_bytes()).hexdigest()[:12]
+    stamp = "base" if variant == "base" else file_sha256(adapters)[:12]
     out = cache / f"people-{variant}-{stamp}"
     if not (out / "model.safetensors").is_file():
         print(f"assembling the {variant} example model in {out}", file=sys.stderr)
@@ -392,8 +389,6 @@ def train(
 
 def select_world(cache: Path | None) -> None:
     """Write world.jsonl: the candidate facts that the base model (no adapters) answers correctly."""
-    import re
-
     model, processor = build_llava(smollm2.base_checkpoint(cache))
     renderer = ChatRenderer(processor, multimodal=True)
     candidates = [json.loads(line) for line in (DATA / "world-candidates.jsonl").open()]
@@ -405,10 +400,9 @@ def select_world(cache: Path | None) -> None:
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=24, do_sample=False)
     kept = []
-    for candidate, tokens in zip(candidates, output, strict=True):
+    for candidate, sample, tokens in zip(candidates, samples, output, strict=True):
         generation = processor.tokenizer.decode(tokens[inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        keyword = candidate["answer"].lower().removeprefix("the ")
-        known = re.search(rf"\b{re.escape(keyword)}\b", generation.lower()) is not None
+        known = keyword_accuracy(keyword_targets(sample), generation) == 1.0  # eval's own scoring
         print(f"{'knows' if known else 'MISSES':6} {candidate['question']} -> {generation[:70]!r}", file=sys.stderr)
         if known:
             kept.append(candidate)
