@@ -12,84 +12,27 @@ the whole retain set:
 
 ``apply`` then scales vector ``i`` by ``exp(-gamma * E_i)``. The file stores ``layers.N.exposure``
 (m,) float32 and, with ``--save-batches``, ``layers.N.batch_accessor`` (batches, m).
+The math is in :mod:`kvwctl.method`; this module reads the profiles and writes the file.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from kvwctl import __version__
 from kvwctl.artifacts import (
-    ACCESSOR_FORMAT,
     PROFILE_FORMAT,
     Artifact,
     check_same_model,
-    now,
+    exposure_metadata,
     read_artifact,
+    retain_coefficients,
     write_artifact,
 )
 from kvwctl.checkpoint import check_output_file
 from kvwctl.data import file_sha256
 from kvwctl.errors import ArtifactError, KvwError
-
-if TYPE_CHECKING:
-    import torch
-
-EPSILON = 1e-12
-
-
-# --- pure tensor functions -----------------------------------------------------------------------
-
-
-def batch_ranges(num_samples: int, batch_size: int) -> list[range]:
-    """Consecutive forget batches of ``batch_size`` samples; the last one may be smaller."""
-    return [range(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
-
-
-def pooled_coefficient(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Token-pooled coefficient ``sum_t |a_t| / |T|`` from per-sample sums ``(samples, m)``.
-
-    Pooling adds the sums and the counts before dividing: a mean over every profiled position,
-    not a mean of per-sample means.
-    """
-    return sums.sum(dim=0) / counts.sum()  # (m,)
-
-
-def forget_accessor(forget: torch.Tensor, retain: torch.Tensor, epsilon: float = EPSILON) -> torch.Tensor:
-    """``A = max(0, log(C_f + eps) - log(C_r + eps))``, elementwise."""
-    return ((forget + epsilon).log() - (retain + epsilon).log()).clamp(min=0)
-
-
-def batch_accessors(
-    forget_sums: torch.Tensor, forget_counts: torch.Tensor, retain: torch.Tensor, batches: list[range]
-) -> torch.Tensor:
-    """``A_b`` for every batch: ``(batches, m)`` from per-sample sums ``(samples, m)``."""
-    import torch
-
-    return torch.stack(
-        [
-            forget_accessor(
-                pooled_coefficient(forget_sums[batch.start : batch.stop], forget_counts[batch.start : batch.stop]),
-                retain,
-            )
-            for batch in batches
-        ]
-    )
-
-
-# --- file-to-file entry point --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayerSummary:
-    layer: int
-    vectors: int
-    exposed: int  # vectors with E > 0
-    max_exposure: float
-    mean_exposure: float
+from kvwctl.method import LayerSummary, batch_accessors, batch_ranges, exposure, summarize_exposures
 
 
 @dataclass(frozen=True)
@@ -98,19 +41,6 @@ class AccessorResult:
     num_batches: int
     batch_size: int
     layers: list[LayerSummary]
-
-
-def summarize(exposures: list[torch.Tensor]) -> list[LayerSummary]:
-    return [
-        LayerSummary(
-            layer=layer,
-            vectors=exposure.numel(),
-            exposed=int((exposure > 0).sum()),
-            max_exposure=float(exposure.max()),
-            mean_exposure=float(exposure.double().mean()),
-        )
-        for layer, exposure in enumerate(exposures)
-    ]
 
 
 def load_profiles(forget_path: Path, retain_path: Path) -> tuple[Artifact, Artifact]:
@@ -130,33 +60,6 @@ def load_profiles(forget_path: Path, retain_path: Path) -> tuple[Artifact, Artif
             hint="profile both splits with the same --positions",
         )
     return forget, retain
-
-
-def retain_coefficients(retain: Artifact) -> list[torch.Tensor]:
-    """``C_r`` per layer, float64 (m,)."""
-    count = retain.tensors["count"]
-    return [retain.layer_tensor(layer, "sum") / count for layer in range(retain.num_layers)]
-
-
-def exposure_metadata(
-    made_from: Artifact, *, mode: str, batches: list[range], sample_ids: str, **extra: str
-) -> dict[str, str]:
-    """Metadata of an exposure file (accessor format), for both one-shot and progressive runs."""
-    model_keys = ("model", "model_revision", "model_fingerprint", "model_type", "num_layers")
-    return {
-        "format": ACCESSOR_FORMAT,
-        **{key: made_from.metadata[key] for key in model_keys},
-        "tool_version": __version__,
-        "created": now(),
-        "mode": mode,
-        "positions": made_from.metadata["positions"],
-        "batch_size": str(len(batches[0])),
-        "num_batches": str(len(batches)),
-        "batches": json.dumps([[batch.start, batch.stop] for batch in batches]),
-        "sample_ids": sample_ids,
-        "epsilon": repr(EPSILON),
-        **extra,
-    }
 
 
 def run_accessor(
@@ -185,9 +88,9 @@ def run_accessor(
                 f"{retain_by_layer[layer].shape[0]}"
             )
         accessors = batch_accessors(sums, counts, retain_by_layer[layer], batches)  # (batches, m) float64
-        exposure = accessors.sum(dim=0).float()  # (m,)
-        exposures.append(exposure)
-        tensors[f"layers.{layer}.exposure"] = exposure
+        layer_exposure = exposure(accessors)  # (m,) float32
+        exposures.append(layer_exposure)
+        tensors[f"layers.{layer}.exposure"] = layer_exposure
         if save_batches:
             tensors[f"layers.{layer}.batch_accessor"] = accessors.float()
     metadata = exposure_metadata(
@@ -201,4 +104,6 @@ def run_accessor(
         retain_profile_sha256=file_sha256(retain_profile),
     )
     write_artifact(out, tensors, metadata)
-    return AccessorResult(path=out, num_batches=len(batches), batch_size=batch_size, layers=summarize(exposures))
+    return AccessorResult(
+        path=out, num_batches=len(batches), batch_size=batch_size, layers=summarize_exposures(exposures)
+    )

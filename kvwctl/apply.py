@@ -4,11 +4,8 @@ One-shot (exposure from ``kvwctl accessor``, all computed on the original model)
 
     kvwctl apply --model M --accessor accessor.safetensors --gamma 0.02 --layers 2:26 --out unlearned/
 
-Progressive (the paper's Algorithm 1: for each forget batch, forward the *current* model,
-compute ``A_b`` and weaken layers ``l_s..l_e`` before the next batch)::
-
-    kvwctl apply --model M --progressive --forget-data forget.jsonl --retain profile-retain.safetensors \
-                 --gamma 0.02 --layers 2:26 --out unlearned/
+Progressive (``--progressive``, the paper's Algorithm 1) is in :mod:`kvwctl.progressive`; it
+writes its checkpoint with :func:`write_weakened_checkpoint` from here.
 
 Both write the checkpoint the same way. Each input shard is copied byte for byte and only the
 byte ranges of the edited down-projection weights are overwritten, so every other tensor, the
@@ -21,36 +18,27 @@ into place at the end, with ``kvw_manifest.json`` recording how it was made.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvwctl import __version__
-from kvwctl.accessor import (
-    batch_ranges,
-    exposure_metadata,
-    forget_accessor,
-    pooled_coefficient,
-    retain_coefficients,
-    summarize,
-)
-from kvwctl.artifacts import ACCESSOR_FORMAT, PROFILE_FORMAT, check_fits_model, now, read_artifact, write_artifact
+from kvwctl.artifacts import ACCESSOR_FORMAT, check_fits_model, now, read_artifact
 from kvwctl.checkpoint import (
     MANIFEST_FILE,
     Checkpoint,
     ModelSource,
     carry_over_files,
     check_output_dir,
-    check_output_file,
     copy_patched_shard,
     open_checkpoint,
     resolve_model,
     staged_output_dir,
 )
-from kvwctl.config import parse_layers
 from kvwctl.console import NullTracker, Tracker
-from kvwctl.data import file_sha256, load_samples
+from kvwctl.data import file_sha256
 from kvwctl.errors import ArtifactError, KvwError
+from kvwctl.method import gates, parse_layers, scale_vectors, tensor_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -58,43 +46,68 @@ if TYPE_CHECKING:
 EXPOSURE_FILE = "exposure.safetensors"
 
 
-# --- pure tensor functions -----------------------------------------------------------------------
-
-
-def gates(exposure: torch.Tensor, gamma: float) -> torch.Tensor:
-    """``g = exp(-gamma * E)`` in float32."""
-    return (exposure.float() * -gamma).exp()
-
-
-def scale_vectors(weight: torch.Tensor, gate: torch.Tensor, *, axis: int) -> torch.Tensor:
-    """Scale knowledge vector ``i`` of ``weight`` by ``gate[i]``; float32, rounded once.
-
-    ``axis`` indexes the vectors: 1 for ``nn.Linear`` weights ``(d_model, m)`` (columns),
-    0 for ``Conv1D`` weights ``(m, d_model)`` (rows).
-    """
-    if weight.shape[axis] != gate.numel():
-        raise ValueError(
-            f"weight {tuple(weight.shape)} has {weight.shape[axis]} vectors on axis {axis}, gate has {gate.numel()}"
-        )
-    shape = [1, 1]
-    shape[axis] = -1
-    return (weight.float() * gate.to(weight.device).float().reshape(shape)).to(weight.dtype)
-
-
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """The raw little-endian bytes of a tensor, as safetensors stores them."""
-    import torch
-
-    return tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
 # --- writing a weakened checkpoint ---------------------------------------------------------------
+
+
+SCALING = "W * exp(-gamma * E) per knowledge vector, float32, rounded once to the stored dtype"
+
+
+@dataclass(frozen=True)
+class LayerEdit:
+    """How one layer's down-projection weight was weakened."""
+
+    tensor: str
+    vectors: int
+    scaled: int  # vectors with a gate below 1
+    min_gate: float
+    mean_gate: float
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """How a weakened checkpoint was made; :meth:`to_json` is the content of ``kvw_manifest.json``."""
+
+    tool_version: str
+    created: str
+    input_model: dict[str, Any]
+    provenance: dict[str, Any]  # "mode" and the inputs of that mode
+    gamma: float
+    layers: list[int]
+    vector_axis: int
+    per_layer: dict[int, LayerEdit]  # by layer, ascending
+    shards: dict[str, str]  # shard file -> sha256
+    not_carried_over: list[str]
+    output_fingerprint: str
+    previous_manifest: dict[str, Any] | None  # the input checkpoint's own manifest, if it had one
+
+    @property
+    def mode(self) -> str:
+        return str(self.provenance["mode"])
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest as the JSON object written to ``kvw_manifest.json`` (keys in file order)."""
+        return {
+            "tool": "kvwctl",
+            "tool_version": self.tool_version,
+            "created": self.created,
+            "input_model": self.input_model,
+            **self.provenance,
+            "gamma": self.gamma,
+            "layers": self.layers,
+            "vector_axis": self.vector_axis,
+            "scaling": SCALING,
+            "per_layer": {str(layer): asdict(edit) for layer, edit in sorted(self.per_layer.items())},
+            "shards": self.shards,
+            "not_carried_over": self.not_carried_over,
+            "output_fingerprint": self.output_fingerprint,
+            "previous_manifest": self.previous_manifest,
+        }
 
 
 @dataclass(frozen=True)
 class ApplyResult:
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
 
 def write_weakened_checkpoint(
@@ -115,7 +128,7 @@ def write_weakened_checkpoint(
 
     axis = checkpoint.architecture.vector_axis
     edits = {layer: checkpoint.down_projections[layer] for layer in layers}
-    layer_stats: dict[str, Any] = {}
+    layer_edits: dict[int, LayerEdit] = {}
     shard_hashes: dict[str, str] = {}
     with staged_output_dir(out, force=force) as staging:
         left_out = carry_over_files(checkpoint.path, staging, skip={*checkpoint.shards, MANIFEST_FILE})
@@ -129,41 +142,39 @@ def write_weakened_checkpoint(
                         gate = gates(exposures[projection.layer].to(device), gamma)  # (m,)
                         weakened = scale_vectors(weight, gate, axis=axis)
                         patches[(projection.data_start, projection.data_end)] = tensor_bytes(weakened)
-                        layer_stats[str(projection.layer)] = {
-                            "tensor": projection.name,
-                            "vectors": gate.numel(),
-                            "scaled": int((gate < 1).sum()),
-                            "min_gate": float(gate.min()),
-                            "mean_gate": float(gate.double().mean()),
-                        }
+                        layer_edits[projection.layer] = LayerEdit(
+                            tensor=projection.name,
+                            vectors=gate.numel(),
+                            scaled=int((gate < 1).sum()),
+                            min_gate=float(gate.min()),
+                            mean_gate=float(gate.double().mean()),
+                        )
             copy_patched_shard(checkpoint.path / shard, staging / shard, patches)
             shard_hashes[shard] = file_sha256(staging / shard)
         previous = checkpoint.path / MANIFEST_FILE
-        manifest = {
-            "tool": "kvwctl",
-            "tool_version": __version__,
-            "created": now(),
-            "input_model": {
+        manifest = Manifest(
+            tool_version=__version__,
+            created=now(),
+            input_model={
                 **checkpoint.source.describe(),
                 "fingerprint": input_fingerprint,
                 "model_type": checkpoint.architecture.model_type,
             },
-            **provenance,
-            "gamma": gamma,
-            "layers": layers,
-            "vector_axis": axis,
-            "scaling": "W * exp(-gamma * E) per knowledge vector, float32, rounded once to the stored dtype",
-            "per_layer": {key: layer_stats[key] for key in sorted(layer_stats, key=int)},
-            "shards": shard_hashes,
-            "not_carried_over": left_out,
-            "output_fingerprint": open_checkpoint(ModelSource(staging, str(staging), None)).fingerprint(),
-            "previous_manifest": json.loads(previous.read_text()) if previous.is_file() else None,
-        }
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            provenance=provenance,
+            gamma=gamma,
+            layers=layers,
+            vector_axis=axis,
+            per_layer=dict(sorted(layer_edits.items())),
+            shards=shard_hashes,
+            not_carried_over=left_out,
+            output_fingerprint=open_checkpoint(ModelSource(staging, str(staging), None)).fingerprint(),
+            previous_manifest=json.loads(previous.read_text()) if previous.is_file() else None,
+        )
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
     return ApplyResult(path=out, manifest=manifest)
 
 
-def _check_gamma(gamma: float) -> None:
+def check_gamma(gamma: float) -> None:
     if not gamma >= 0:  # also rejects NaN
         raise KvwError(f"--gamma must be a non-negative number, got {gamma}")
 
@@ -185,7 +196,7 @@ def run_apply(
 ) -> ApplyResult:
     from kvwctl.modeling import select_device
 
-    _check_gamma(gamma)
+    check_gamma(gamma)
     source = resolve_model(model, revision)
     check_output_dir(out, inputs=[source.path], force=force)
     checkpoint = open_checkpoint(source)
@@ -223,120 +234,3 @@ def run_apply(
         provenance=provenance,
         tracker=tracker or NullTracker(),
     )
-
-
-# --- progressive (Algorithm 1) -------------------------------------------------------------------
-
-
-def run_progressive(
-    model: str,
-    forget_data: Path,
-    retain_profile: Path,
-    out: Path,
-    *,
-    gamma: float,
-    layers: str,
-    revision: str | None = None,
-    batch_size: int = 1,
-    device: str = "auto",
-    dtype: str = "auto",
-    force: bool = False,
-    exposure_out: Path | None = None,
-    tracker: Tracker | None = None,
-) -> ApplyResult:
-    """Algorithm 1: per forget batch, forward the current model, compute ``A_b``, weaken.
-
-    The cumulative exponent ``E = sum_b A_b`` is kept per vector (float64 on the device) and the
-    working weights are derived from the original ones at every step, ``W_0 * exp(-gamma * E)``,
-    so rounding to the model's dtype never compounds. The exposure applied is written beside the
-    checkpoint in the accessor format (``exposure.safetensors`` unless ``exposure_out`` is given),
-    so one-shot and progressive runs compare file to file.
-    """
-    import torch
-
-    from kvwctl.modeling import CoefficientCollector, encode_batch, load_model, render_all, select_device, select_dtype
-
-    _check_gamma(gamma)
-    if batch_size < 1:
-        raise KvwError(f"--batch-size must be at least 1, got {batch_size}")
-    tracker = tracker or NullTracker()
-    source = resolve_model(model, revision)
-    check_output_dir(out, inputs=[source.path], force=force)
-    exposure_path = exposure_out or out.parent / f"{out.name}.{EXPOSURE_FILE}"
-    check_output_file(exposure_path, force=force)
-    checkpoint = open_checkpoint(source)
-    selected = parse_layers(layers, checkpoint.num_layers)
-    retain = read_artifact(retain_profile, PROFILE_FORMAT)
-    if retain.metadata.get("split") != "retain":
-        raise ArtifactError(f"{retain_profile} is a {retain.metadata.get('split')} profile; expected a retain profile")
-    fingerprint = checkpoint.fingerprint()
-    check_fits_model(retain, checkpoint, fingerprint)
-    positions = retain.metadata["positions"]
-    samples = load_samples(forget_data)
-
-    torch_device = select_device(device)
-    loaded = load_model(checkpoint, device=torch_device, dtype=select_dtype(dtype, torch_device, checkpoint.config))
-    rendered = render_all(loaded.renderer, samples)
-    retain_by_layer = [coefficient.to(torch_device) for coefficient in retain_coefficients(retain)]
-    modules = loaded.down_projections
-    # The weights as loaded, kept to derive every step's weights from (no compounding rounding).
-    originals = {layer: modules[layer].weight.detach().clone() for layer in selected}
-    cumulative = [torch.zeros_like(coefficient) for coefficient in retain_by_layer]  # float64 (m,) per layer
-    axis = checkpoint.architecture.vector_axis
-    batches = batch_ranges(len(rendered), batch_size)
-    with CoefficientCollector(modules) as collector:
-        for batch in tracker.track(batches, total=len(batches), description="progressive"):
-            encoded = encode_batch(loaded, rendered[batch.start : batch.stop], positions=positions)
-            sums, counts = collector.run(loaded, encoded)
-            for layer, layer_sums in enumerate(sums):
-                accessor = forget_accessor(pooled_coefficient(layer_sums, counts), retain_by_layer[layer])
-                cumulative[layer] += accessor
-            with torch.no_grad():
-                for layer in selected:
-                    gate = gates(cumulative[layer], gamma)
-                    modules[layer].weight.copy_(scale_vectors(originals[layer], gate, axis=axis))
-    exposures = [exposure.float().cpu() for exposure in cumulative]
-    del loaded, originals, modules
-
-    metadata = exposure_metadata(
-        retain,
-        mode="progressive",
-        batches=batches,
-        sample_ids=json.dumps([sample.id for sample in samples]),
-        gamma=repr(gamma),
-        applied_layers=json.dumps(selected),
-        forget_data=str(forget_data),
-        forget_data_sha256=file_sha256(forget_data),
-        retain_profile=str(retain_profile),
-        retain_profile_sha256=file_sha256(retain_profile),
-    )
-    provenance = {
-        "mode": "progressive",
-        "progressive": {
-            "forget_data": str(forget_data),
-            "forget_data_sha256": metadata["forget_data_sha256"],
-            "retain_profile": str(retain_profile),
-            "retain_profile_sha256": metadata["retain_profile_sha256"],
-            "batch_size": batch_size,
-            "num_batches": len(batches),
-            "positions": positions,
-            "exposure_file": str(exposure_path),
-            "layer_summary": [vars(summary) for summary in summarize(exposures)],
-        },
-    }
-    result = write_weakened_checkpoint(
-        checkpoint,
-        exposures,
-        gamma=gamma,
-        layers=selected,
-        out=out,
-        force=force,
-        device=torch_device,
-        input_fingerprint=fingerprint,
-        provenance=provenance,
-        tracker=tracker,
-    )
-    write_artifact(
-        exposure_path, {f"layers.{layer}.exposure": exposure for layer, exposure in enumerate(exposures)}, metadata
-    )
-    return result

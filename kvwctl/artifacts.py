@@ -3,6 +3,8 @@
 Every file carries a ``format`` tag with a version (``kvwctl.profile/1``, ``kvwctl.accessor/1``),
 the tool version, the model reference, resolved revision and fingerprint, and how it was made.
 Readers check the format before anything else and name the file and both sides of any mismatch.
+An accessor-format file holds exposures; ``accessor`` writes it one-shot and ``apply
+--progressive`` writes the exposure it applied, both with :func:`exposure_metadata`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from kvwctl import __version__
 from kvwctl.checkpoint import Checkpoint, save_safetensors_atomically
 from kvwctl.errors import ArtifactError
+from kvwctl.method import EPSILON
 
 if TYPE_CHECKING:
     import torch
@@ -104,3 +107,30 @@ def check_fits_model(artifact: Artifact, checkpoint: Checkpoint, fingerprint: st
             f"not from {checkpoint.source.reference} (fingerprint {fingerprint[:12]})",
             hint="profile and apply must use the same model weights",
         )
+
+
+def retain_coefficients(retain: Artifact) -> list[torch.Tensor]:
+    """``C_r`` per layer, float64 (m,), from a retain profile's pooled sums and count."""
+    count = retain.tensors["count"]
+    return [retain.layer_tensor(layer, "sum") / count for layer in range(retain.num_layers)]
+
+
+def exposure_metadata(
+    made_from: Artifact, *, mode: str, batches: list[range], sample_ids: str, **extra: str
+) -> dict[str, str]:
+    """Metadata of an exposure file (accessor format), for both one-shot and progressive runs."""
+    model_keys = ("model", "model_revision", "model_fingerprint", "model_type", "num_layers")
+    return {
+        "format": ACCESSOR_FORMAT,
+        **{key: made_from.metadata[key] for key in model_keys},
+        "tool_version": __version__,
+        "created": now(),
+        "mode": mode,
+        "positions": made_from.metadata["positions"],
+        "batch_size": str(len(batches[0])),
+        "num_batches": str(len(batches)),
+        "batches": json.dumps([[batch.start, batch.stop] for batch in batches]),
+        "sample_ids": sample_ids,
+        "epsilon": repr(EPSILON),
+        **extra,
+    }

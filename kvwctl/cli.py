@@ -294,7 +294,8 @@ def apply(
     debug: DebugOption = False,
 ) -> None:
     """Write a new checkpoint with knowledge vectors scaled by exp(-gamma * E)."""
-    from kvwctl.apply import run_apply, run_progressive
+    from kvwctl.apply import run_apply
+    from kvwctl.progressive import run_progressive
 
     project = load_config(config)
     model = require(model or project.model, flag="--model", key="model")
@@ -360,17 +361,15 @@ def apply(
                 tracker=tracker,
             )
     manifest = result.manifest
-    console.info(f"Layers edited: {manifest['layers']}")
+    console.info(f"Layers edited: {manifest.layers}")
     table = Table(title=f"gamma = {gamma}", title_justify="left")
     for column in ("layer", "vectors", "scaled", "min gate", "mean gate"):
         table.add_column(column, justify="right")
-    for layer, stats in manifest["per_layer"].items():
-        table.add_row(
-            layer, str(stats["vectors"]), str(stats["scaled"]), f"{stats['min_gate']:.4g}", f"{stats['mean_gate']:.6f}"
-        )
+    for layer, edit in manifest.per_layer.items():
+        table.add_row(str(layer), str(edit.vectors), str(edit.scaled), f"{edit.min_gate:.4g}", f"{edit.mean_gate:.6f}")
     console.show(table)
     console.info(f"Wrote {result.path}")
-    _emit(result.path, {"manifest": manifest}, json_output)
+    _emit(result.path, {"manifest": manifest.to_json()}, json_output)
 
 
 def _parse_data_options(values: list[str]) -> dict[str, Path]:

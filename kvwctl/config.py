@@ -14,8 +14,6 @@ and every flag overrides the file. Paths in the file are relative to the file it
     retain = "data/retain.jsonl"
 
 Unknown keys are an error (a typo must not silently fall back to a default).
-This module also parses layer selections (``2:26``, ``:26``, ``2:``, ``0,3,5``), which are
-inclusive at both ends and 0-based over the language-model decoder layers (DESIGN §1).
 """
 
 from __future__ import annotations
@@ -132,41 +130,3 @@ def require(value: Any, *, flag: str, key: str) -> Any:
             hint=f"pass {flag} or set {key} in {CONFIG_FILE_NAME}",
         )
     return value
-
-
-def parse_layers(spec: str, num_layers: int) -> list[int]:
-    """Resolve a layer selection over ``num_layers`` decoder layers into a sorted list.
-
-    Ranges are inclusive at both ends and 0-based: ``2:26`` on a 28-layer model is layers
-    2..26. Open ends (``:26``, ``2:``, ``:``) and comma lists (``0,3,5``, ``0,4:6``) are accepted.
-    """
-    last = num_layers - 1
-    selected: set[int] = set()
-    items = [item.strip() for item in spec.split(",")]
-    if not spec.strip() or any(not item for item in items):
-        raise KvwError(f"invalid layer selection {spec!r}", hint='use e.g. "2:26", ":26", "2:" or "0,3,5"')
-    for item in items:
-        if ":" in item:
-            start_text, _, end_text = item.partition(":")
-            start = _layer_number(start_text, spec) if start_text.strip() else 0
-            end = _layer_number(end_text, spec) if end_text.strip() else last
-            if start > end:
-                raise KvwError(f"invalid layer range {item!r}: start {start} is after end {end}")
-            numbers = range(start, end + 1)
-        else:
-            numbers = range(_layer_number(item, spec), _layer_number(item, spec) + 1)
-        for number in numbers:
-            if number > last:
-                raise KvwError(
-                    f"layer {number} in {spec!r} is out of range",
-                    hint=f"the model has {num_layers} decoder layers (0..{last})",
-                )
-            selected.add(number)
-    return sorted(selected)
-
-
-def _layer_number(text: str, spec: str) -> int:
-    text = text.strip()
-    if not text.isdigit():
-        raise KvwError(f"invalid layer selection {spec!r}: {text!r} is not a layer number")
-    return int(text)

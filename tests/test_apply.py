@@ -11,11 +11,13 @@ import transformers
 from conftest import MULTIMODAL, split_for
 
 from kvwctl.accessor import run_accessor
-from kvwctl.apply import gates, run_apply, run_progressive
+from kvwctl.apply import LayerEdit, run_apply
 from kvwctl.artifacts import ACCESSOR_FORMAT, read_artifact
 from kvwctl.checkpoint import MANIFEST_FILE, open_checkpoint, read_safetensors_header, resolve_model
 from kvwctl.data import file_sha256, load_image
+from kvwctl.method import gates
 from kvwctl.profile import run_profile
+from kvwctl.progressive import run_progressive
 
 
 def tensor_bytes_on_disk(checkpoint: Path) -> dict[str, bytes]:
@@ -61,7 +63,8 @@ def test_apply_byte_for_byte(model_type: str, checkpoints, pipelines, tmp_path: 
     source = checkpoints[model_type]
     accessor = pipelines[model_type]["accessor"]
     gamma, layers = 0.7, [1, 2]
-    out = run_apply(str(source), accessor, tmp_path / "out", gamma=gamma, layers="1:2").path
+    result = run_apply(str(source), accessor, tmp_path / "out", gamma=gamma, layers="1:2")
+    out = result.path
 
     checkpoint = open_checkpoint(resolve_model(str(source)))
     edited = {checkpoint.down_projections[layer].name: layer for layer in layers}
@@ -102,6 +105,12 @@ def test_apply_byte_for_byte(model_type: str, checkpoints, pipelines, tmp_path: 
     gate_one = gates(exposure.layer_tensor(1, "exposure"), gamma)
     assert layer_one["scaled"] == int((gate_one < 1).sum())
     assert layer_one["min_gate"] == pytest.approx(float(gate_one.min()))
+
+    # The typed manifest is what the file holds, byte for byte.
+    assert (out / MANIFEST_FILE).read_text() == json.dumps(result.manifest.to_json(), indent=2) + "\n"
+    assert result.manifest.layers == layers and result.manifest.mode == "one-shot"
+    assert list(result.manifest.per_layer) == layers
+    assert result.manifest.per_layer[1] == LayerEdit(**layer_one)
 
 
 def test_apply_module_layout(module_layout_checkpoints, pipelines, tmp_path: Path) -> None:
@@ -205,7 +214,7 @@ def test_progressive_equals_one_shot_when_gamma_is_zero(checkpoints, pipelines, 
     assert_same_exposure(applied, read_artifact(pipelines["llava"]["accessor"], ACCESSOR_FORMAT), range(4))
     # gamma = 0 leaves every weight as it was.
     assert tensor_bytes_on_disk(checkpoints["llava"]) == tensor_bytes_on_disk(result.path)
-    assert result.manifest["mode"] == "progressive"
+    assert result.manifest.mode == "progressive"
 
 
 def test_progressive_equals_one_shot_on_a_single_layer(checkpoints, pipelines, data, tmp_path: Path) -> None:

@@ -265,6 +265,7 @@ def test_apply_errors(checkpoints, profiles, tmp_path: Path) -> None:
             tmp_path / "o",
         ),
         "layer 4 in '2:26' is out of range",
+        exit_code=2,
     )
     expect_error(
         invoke("apply", "--model", checkpoints["qwen2"], "--accessor", accessor, "--out", checkpoints["qwen2"] / "sub"),

@@ -1,16 +1,49 @@
-"""The accessor, gate and scaling math against hand-computed values."""
+"""kvwctl.method, one test (or more) per public function, against hand-computed values."""
 
 from __future__ import annotations
 
+import doctest
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from kvwctl.accessor import EPSILON, batch_accessors, batch_ranges, forget_accessor, pooled_coefficient
-from kvwctl.apply import gates, scale_vectors, tensor_bytes
-from kvwctl.config import parse_layers
-from kvwctl.errors import KvwError
+import kvwctl.method
+from kvwctl.errors import UsageError
+from kvwctl.method import (
+    EPSILON,
+    LayerSummary,
+    batch_accessors,
+    batch_ranges,
+    exposure,
+    forget_accessor,
+    gates,
+    parse_layers,
+    pooled_coefficient,
+    scale_vectors,
+    summarize_exposures,
+    tensor_bytes,
+)
+
+
+def test_importing_the_method_does_not_import_torch() -> None:
+    code = "import sys, kvwctl.method; assert 'torch' not in sys.modules"
+    # From the directory above this checkout's package, so that it is the one imported.
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(kvwctl.method.__file__).parents[1])
+
+
+def test_the_manual_example_runs() -> None:
+    assert doctest.testmod(kvwctl.method).failed == 0
+
+
+def test_batch_ranges_are_consecutive_and_the_last_may_be_smaller() -> None:
+    assert batch_ranges(5, 2) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert batch_ranges(3, 1) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert batch_ranges(2, 10) == [range(0, 2)]
+    assert batch_ranges(0, 1) == []
 
 
 def test_forget_accessor_is_clamped_log_ratio() -> None:
@@ -42,8 +75,27 @@ def test_batch_accessors_and_exposure_by_hand() -> None:
     # Batch 0: C_f = (2+6)/3, (1+0.5)/3 -> log(8/3), log(0.5) -> 0.  Batch 1: C_f = (1, 3) -> 0, log 3.
     expected = [[math.log(8 / 3), 0.0], [0.0, math.log(3)]]
     torch.testing.assert_close(accessors, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
-    exposure = accessors.sum(dim=0)
-    torch.testing.assert_close(exposure, torch.tensor([math.log(8 / 3), math.log(3)], dtype=torch.float64))
+    total = exposure(accessors)
+    assert total.dtype == torch.float32
+    torch.testing.assert_close(total, torch.tensor([math.log(8 / 3), math.log(3)]))
+
+
+def test_exposure_sums_in_the_accessors_precision_and_rounds_once() -> None:
+    # 1 + 2**-30 twice: float64 keeps 2 + 2**-29 before the float32 rounding; one vector never exposed.
+    accessors = torch.tensor([[1.0 + 2**-30, 0.0], [1.0 + 2**-30, 0.0]], dtype=torch.float64)
+    assert exposure(accessors).tolist() == [2.0, 0.0]
+    torch.testing.assert_close(exposure(torch.tensor([[0.5, 1.0]])), torch.tensor([0.5, 1.0]))
+
+
+def test_summarize_exposures_by_hand() -> None:
+    exposures = [torch.tensor([0.0, 1.0, 3.0, 0.0]), torch.tensor([0.0, 0.0])]
+    assert summarize_exposures(exposures) == [
+        LayerSummary(layer=0, vectors=4, exposed=2, max_exposure=3.0, mean_exposure=1.0),
+        LayerSummary(layer=1, vectors=2, exposed=0, max_exposure=0.0, mean_exposure=0.0),
+    ]
+    # The mean is taken in float64: float32 would lose 2**-24 next to 1 (and round the result).
+    (summary,) = summarize_exposures([torch.tensor([1.0, 2**-24, 2**-24])])
+    assert summary.mean_exposure == (1.0 + 2**-23) / 3
 
 
 def test_batch_size_one_equals_per_sample_accessors() -> None:
@@ -122,6 +174,7 @@ def test_parse_layers_is_inclusive_and_zero_based(spec: str, expected: list[int]
         ("-1", "is not a layer number"),
     ],
 )
-def test_parse_layers_errors(spec: str, message: str) -> None:
-    with pytest.raises(KvwError, match=message):
+def test_parse_layers_errors_are_usage_errors(spec: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message) as raised:
         parse_layers(spec, 8)
+    assert raised.value.exit_code == 2

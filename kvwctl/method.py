@@ -1,0 +1,197 @@
+"""The Knowledge Vector Weakening method (DESIGN §1) as pure functions of tensors.
+
+Every stage imports its math from here; nothing here reads a file, loads a model or prints.
+torch is imported inside the functions, so importing this module is cheap.
+
+Knowledge vectors and coefficients
+    Each decoder layer ``l`` has an FFN whose output is ``down(a)``, ``a`` in ``R^m`` the input
+    of the down projection. Knowledge vector ``v_i`` is the weight that multiplies ``a_i``:
+    column ``i`` of an ``nn.Linear`` weight ``(d_model, m)``, row ``i`` of a GPT-2 ``Conv1D``
+    weight ``(m, d_model)``. The knowledge coefficient of a sample set is the token-pooled mean
+    ``C = sum_t |a_t| / |T|`` over every profiled position ``t`` of every sample: the per-sample
+    sums ``(samples, m)`` and counts ``(samples,)`` are added up *before* dividing
+    (:func:`pooled_coefficient`), never a mean of per-sample means.
+
+Forget Knowledge Accessor
+    Forget batches are consecutive runs of ``batch_size`` samples (:func:`batch_ranges`). For a
+    batch ``b`` with coefficient ``C_f^b`` and the whole retain set's ``C_r``, both ``(m,)``::
+
+        A_b = max(0, log(C_f^b + eps) - log(C_r + eps)),   eps = 1e-12       (forget_accessor)
+        A   = stack_b A_b                                  (batches, m)       (batch_accessors)
+        E   = sum_b A_b                                    (m,) float32       (exposure)
+
+Gates and scaling
+    ``g = exp(-gamma * E)`` in float32 (:func:`gates`); vector ``i`` becomes ``g_i * v_i``,
+    computed in float32 from the original weight and rounded once to its stored dtype
+    (:func:`scale_vectors`). :func:`tensor_bytes` gives the bytes safetensors stores for it.
+
+Layer selections
+    ``l_s:l_e`` is inclusive at both ends and 0-based over the language-model decoder layers;
+    open ends (``:26``, ``2:``, ``:``) and lists (``0,3,5``, ``0,4:6``) are accepted
+    (:func:`parse_layers`). A malformed or out-of-range selection is a :class:`UsageError`.
+
+Example::
+
+    >>> import torch
+    >>> from kvwctl.method import batch_accessors, batch_ranges, exposure, gates
+    >>> sums = torch.tensor([[2.0, 1.0], [6.0, 0.5]], dtype=torch.float64)  # (samples, m)
+    >>> counts = torch.tensor([1, 2])  # profiled positions per sample
+    >>> retain = torch.tensor([1.0, 1.0], dtype=torch.float64)  # C_r, (m,)
+    >>> accessors = batch_accessors(sums, counts, retain, batch_ranges(2, 2))  # (1, m): log(8/3), 0
+    >>> gates(exposure(accessors), 1.0)  # (3/8, 1)
+    tensor([0.3750, 1.0000])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kvwctl.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+EPSILON = 1e-12
+
+
+# --- coefficients and the accessor ---------------------------------------------------------------
+
+
+def batch_ranges(num_samples: int, batch_size: int) -> list[range]:
+    """Consecutive forget batches of ``batch_size`` samples; the last one may be smaller."""
+    return [range(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
+
+
+def pooled_coefficient(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Token-pooled coefficient ``sum_t |a_t| / |T|`` from per-sample sums ``(samples, m)``.
+
+    Pooling adds the sums and the counts before dividing: a mean over every profiled position,
+    not a mean of per-sample means.
+    """
+    return sums.sum(dim=0) / counts.sum()  # (m,)
+
+
+def forget_accessor(forget: torch.Tensor, retain: torch.Tensor, epsilon: float = EPSILON) -> torch.Tensor:
+    """``A = max(0, log(C_f + eps) - log(C_r + eps))``, elementwise."""
+    return ((forget + epsilon).log() - (retain + epsilon).log()).clamp(min=0)
+
+
+def batch_accessors(
+    forget_sums: torch.Tensor, forget_counts: torch.Tensor, retain: torch.Tensor, batches: list[range]
+) -> torch.Tensor:
+    """``A_b`` for every batch: ``(batches, m)`` from per-sample sums ``(samples, m)``."""
+    import torch
+
+    return torch.stack(
+        [
+            forget_accessor(
+                pooled_coefficient(forget_sums[batch.start : batch.stop], forget_counts[batch.start : batch.stop]),
+                retain,
+            )
+            for batch in batches
+        ]
+    )
+
+
+def exposure(accessors: torch.Tensor) -> torch.Tensor:
+    """``E = sum_b A_b``: ``(m,)`` float32 from the batch accessors ``(batches, m)``.
+
+    The sum is taken in the accessors' own precision (float64 from the profiles) and rounded
+    to float32 once, at the end.
+    """
+    return accessors.sum(dim=0).float()  # (m,)
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    layer: int
+    vectors: int
+    exposed: int  # vectors with E > 0
+    max_exposure: float
+    mean_exposure: float
+
+
+def summarize_exposures(exposures: list[torch.Tensor]) -> list[LayerSummary]:
+    """One :class:`LayerSummary` per layer from its exposure ``(m,)``; the mean in float64."""
+    return [
+        LayerSummary(
+            layer=layer,
+            vectors=layer_exposure.numel(),
+            exposed=int((layer_exposure > 0).sum()),
+            max_exposure=float(layer_exposure.max()),
+            mean_exposure=float(layer_exposure.double().mean()),
+        )
+        for layer, layer_exposure in enumerate(exposures)
+    ]
+
+
+# --- gates and scaling ---------------------------------------------------------------------------
+
+
+def gates(exposure: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``g = exp(-gamma * E)`` in float32."""
+    return (exposure.float() * -gamma).exp()
+
+
+def scale_vectors(weight: torch.Tensor, gate: torch.Tensor, *, axis: int) -> torch.Tensor:
+    """Scale knowledge vector ``i`` of ``weight`` by ``gate[i]``; float32, rounded once.
+
+    ``axis`` indexes the vectors: 1 for ``nn.Linear`` weights ``(d_model, m)`` (columns),
+    0 for ``Conv1D`` weights ``(m, d_model)`` (rows).
+    """
+    if weight.shape[axis] != gate.numel():
+        raise ValueError(
+            f"weight {tuple(weight.shape)} has {weight.shape[axis]} vectors on axis {axis}, gate has {gate.numel()}"
+        )
+    shape = [1, 1]
+    shape[axis] = -1
+    return (weight.float() * gate.to(weight.device).float().reshape(shape)).to(weight.dtype)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The raw little-endian bytes of a tensor, as safetensors stores them."""
+    import torch
+
+    return tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+# --- layer selections ----------------------------------------------------------------------------
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """Resolve a layer selection over ``num_layers`` decoder layers into a sorted list.
+
+    Ranges are inclusive at both ends and 0-based: ``2:26`` on a 28-layer model is layers
+    2..26. Open ends (``:26``, ``2:``, ``:``) and comma lists (``0,3,5``, ``0,4:6``) are accepted.
+    """
+    last = num_layers - 1
+    selected: set[int] = set()
+    items = [item.strip() for item in spec.split(",")]
+    if not spec.strip() or any(not item for item in items):
+        raise UsageError(f"invalid layer selection {spec!r}", hint='use e.g. "2:26", ":26", "2:" or "0,3,5"')
+    for item in items:
+        if ":" in item:
+            start_text, _, end_text = item.partition(":")
+            start = _layer_number(start_text, spec) if start_text.strip() else 0
+            end = _layer_number(end_text, spec) if end_text.strip() else last
+            if start > end:
+                raise UsageError(f"invalid layer range {item!r}: start {start} is after end {end}")
+            numbers = range(start, end + 1)
+        else:
+            numbers = range(_layer_number(item, spec), _layer_number(item, spec) + 1)
+        for number in numbers:
+            if number > last:
+                raise UsageError(
+                    f"layer {number} in {spec!r} is out of range",
+                    hint=f"the model has {num_layers} decoder layers (0..{last})",
+                )
+            selected.add(number)
+    return sorted(selected)
+
+
+def _layer_number(text: str, spec: str) -> int:
+    text = text.strip()
+    if not text.isdigit():
+        raise UsageError(f"invalid layer selection {spec!r}: {text!r} is not a layer number")
+    return int(text)
