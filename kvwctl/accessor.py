@@ -27,13 +27,11 @@ from kvwctl.artifacts import (
     PROFILE_FORMAT,
     Artifact,
     check_same_model,
-    now,
     read_artifact,
     write_artifact,
 )
-from kvwctl.checkpoint import check_output_file
-from kvwctl.data import file_sha256
 from kvwctl.errors import ArtifactError, KvwError
+from kvwctl.files import check_output_file, file_sha256, now
 
 if TYPE_CHECKING:
     import torch

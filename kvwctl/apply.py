@@ -34,23 +34,28 @@ from kvwctl.accessor import (
     retain_coefficients,
     summarize,
 )
-from kvwctl.artifacts import ACCESSOR_FORMAT, PROFILE_FORMAT, check_fits_model, now, read_artifact, write_artifact
+from kvwctl.artifacts import ACCESSOR_FORMAT, PROFILE_FORMAT, check_fits_model, read_artifact, write_artifact
 from kvwctl.checkpoint import (
     MANIFEST_FILE,
     Checkpoint,
     ModelSource,
     carry_over_files,
-    check_output_dir,
-    check_output_file,
     copy_patched_shard,
     open_checkpoint,
     resolve_model,
-    staged_output_dir,
 )
 from kvwctl.config import parse_layers
 from kvwctl.console import NullTracker, Tracker
-from kvwctl.data import file_sha256, load_samples
+from kvwctl.data import load_samples
 from kvwctl.errors import ArtifactError, KvwError
+from kvwctl.files import (
+    check_output_dir,
+    check_output_file,
+    file_sha256,
+    now,
+    staged_output_dir,
+    write_json_atomically,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -159,7 +164,7 @@ def write_weakened_checkpoint(
             "output_fingerprint": open_checkpoint(ModelSource(staging, str(staging), None)).fingerprint(),
             "previous_manifest": json.loads(previous.read_text()) if previous.is_file() else None,
         }
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        write_json_atomically(staging / MANIFEST_FILE, manifest, ensure_ascii=True)
     return ApplyResult(path=out, manifest=manifest)
 
 

@@ -14,7 +14,8 @@ from kvwctl.accessor import run_accessor
 from kvwctl.apply import gates, run_apply, run_progressive
 from kvwctl.artifacts import ACCESSOR_FORMAT, read_artifact
 from kvwctl.checkpoint import MANIFEST_FILE, open_checkpoint, read_safetensors_header, resolve_model
-from kvwctl.data import file_sha256, load_image
+from kvwctl.data import load_image
+from kvwctl.files import file_sha256
 from kvwctl.profile import run_profile
 
 
