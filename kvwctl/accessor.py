@@ -29,9 +29,8 @@ from kvwctl.artifacts import (
     retain_coefficients,
     write_artifact,
 )
-from kvwctl.checkpoint import check_output_file
-from kvwctl.data import file_sha256
 from kvwctl.errors import ArtifactError, KvwError
+from kvwctl.files import check_output_file, file_sha256
 from kvwctl.method import LayerSummary, batch_accessors, batch_ranges, exposure, summarize_exposures
 
 

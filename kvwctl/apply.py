@@ -23,21 +23,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvwctl import __version__
-from kvwctl.artifacts import ACCESSOR_FORMAT, check_fits_model, now, read_artifact
+from kvwctl.artifacts import ACCESSOR_FORMAT, check_fits_model, read_artifact
 from kvwctl.checkpoint import (
     MANIFEST_FILE,
     Checkpoint,
     ModelSource,
     carry_over_files,
-    check_output_dir,
     copy_patched_shard,
     open_checkpoint,
     resolve_model,
-    staged_output_dir,
 )
 from kvwctl.console import NullTracker, Tracker
-from kvwctl.data import file_sha256
 from kvwctl.errors import ArtifactError, KvwError
+from kvwctl.files import check_output_dir, file_sha256, now, staged_output_dir, write_json_atomically
 from kvwctl.method import gates, parse_layers, scale_vectors, tensor_bytes
 
 if TYPE_CHECKING:
@@ -170,7 +168,7 @@ def write_weakened_checkpoint(
             output_fingerprint=open_checkpoint(ModelSource(staging, str(staging), None)).fingerprint(),
             previous_manifest=json.loads(previous.read_text()) if previous.is_file() else None,
         )
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
+        write_json_atomically(staging / MANIFEST_FILE, manifest.to_json(), ensure_ascii=True)
     return ApplyResult(path=out, manifest=manifest)
 
 

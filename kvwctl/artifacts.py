@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvwctl import __version__
-from kvwctl.checkpoint import Checkpoint, save_safetensors_atomically
+from kvwctl.checkpoint import Checkpoint
 from kvwctl.errors import ArtifactError
+from kvwctl.files import now, save_safetensors_atomically
 from kvwctl.method import EPSILON
 
 if TYPE_CHECKING:
@@ -25,10 +25,6 @@ if TYPE_CHECKING:
 
 PROFILE_FORMAT = "kvwctl.profile/1"
 ACCESSOR_FORMAT = "kvwctl.accessor/1"
-
-
-def now() -> str:
-    return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
 def model_metadata(checkpoint: Checkpoint, fingerprint: str) -> dict[str, str]:

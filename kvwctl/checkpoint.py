@@ -1,4 +1,4 @@
-"""Checkpoints on disk: resolve a local directory or Hub id, read shards lazily, write atomically.
+"""Checkpoints on disk: resolve a local directory or Hub id, read shards lazily, copy patched shards.
 
 A checkpoint is a directory with ``config.json`` and safetensors weights — one
 ``model.safetensors`` or ``model-0000k-of-0000n.safetensors`` shards listed in
@@ -9,18 +9,16 @@ honours ``HF_HUB_OFFLINE`` and the cache; the resolved commit is recorded in eve
 The **model fingerprint** is a SHA-256 over the canonical ``config.json`` and the dtype, shape and
 raw bytes of every down-projection weight, in layer order. Tensor names are not hashed, so the
 same weights stored in the Hub layout or the transformers 5 layout have the same fingerprint.
+
+Outputs are written through ``kvwctl.files`` (staging directories, atomic files).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import struct
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,81 +237,6 @@ def _shard_files(path: Path) -> list[str]:
 
 
 # --- writing -------------------------------------------------------------------------------------
-
-
-def check_output_dir(out: Path, *, inputs: list[Path], force: bool) -> None:
-    """Refuse an output that exists (without ``--force``) or that overlaps an input directory."""
-    resolved = out.resolve()
-    for path in inputs:
-        path = path.resolve()
-        if resolved == path or path in resolved.parents or resolved in path.parents:
-            raise KvwError(
-                f"output {out} overlaps the input {path}",
-                hint="kvwctl never writes into its input: choose another --out",
-            )
-    if out.exists() and not force:
-        raise KvwError(f"output {out} already exists", hint="pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise KvwError(f"output {out} exists and is not a directory")
-
-
-@contextmanager
-def staged_output_dir(out: Path, *, force: bool) -> Iterator[Path]:
-    """Build a directory next to ``out`` and rename it into place only if the block succeeds.
-
-    An interrupted or failed run leaves ``out`` as it was (absent, or the old version with
-    ``--force``) and removes the half-written staging directory.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.kvw-", dir=out.parent))
-    try:
-        yield staging
-        if out.exists():
-            if not force:
-                raise KvwError(f"output {out} already exists", hint="pass --force to replace it")
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.kvw-old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(trash)
-        else:
-            os.replace(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-
-
-def check_output_file(out: Path, *, force: bool) -> None:
-    if out.exists() and not force:
-        raise KvwError(f"output {out} already exists", hint="pass --force to replace it")
-    if out.is_dir():
-        raise KvwError(f"output {out} is a directory; expected a file path")
-
-
-@contextmanager
-def atomic_file(out: Path) -> Iterator[Path]:
-    """A temporary file beside ``out``, renamed onto it only if the block succeeds.
-
-    ``out`` is never half-written and never overwritten in place (it may be memory-mapped as an
-    input); a failed or interrupted block leaves it as it was and removes the temporary file.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(handle)
-    temporary = Path(name)
-    try:
-        yield temporary
-        os.replace(temporary, out)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
-def save_safetensors_atomically(tensors: dict[str, Any], out: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file through a temporary file and ``os.replace``."""
-    from safetensors.torch import save_file
-
-    with atomic_file(out) as temporary:
-        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, temporary, metadata=metadata)
 
 
 def copy_patched_shard(source: Path, target: Path, patches: dict[tuple[int, int], bytes]) -> None:

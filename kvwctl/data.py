@@ -11,7 +11,6 @@ and every problem is reported as ``file:line: field: problem``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,14 +29,6 @@ class Sample:
     options: tuple[str, ...] = ()
     source: str = ""  # "file:line", for error messages
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_samples(path: Path) -> list[Sample]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import json
 import operator
 import re
 import string
@@ -40,11 +39,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvwctl import __version__
-from kvwctl.checkpoint import Checkpoint, atomic_file, check_output_file, open_checkpoint, resolve_model
+from kvwctl.checkpoint import Checkpoint, open_checkpoint, resolve_model
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.conversation import RenderedSample
-from kvwctl.data import Sample, file_sha256, load_samples
+from kvwctl.data import Sample, load_samples
 from kvwctl.errors import DataError, KvwError, UsageError
+from kvwctl.files import atomic_file, check_output_file, file_sha256, write_json_atomically
 from kvwctl.modeling import DTYPES, LoadedModel, encode_batch, encode_prompts, load_model, select_device, select_dtype
 
 if TYPE_CHECKING:
@@ -557,8 +557,7 @@ def run_eval(
         "gates": [outcome.as_json() for outcome in outcomes],
         "samples_sha256": file_sha256(samples_out),
     }
-    with atomic_file(out) as temporary:
-        temporary.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json_atomically(out, report)
     return EvalResult(path=out, samples_path=samples_out, report=report, outcomes=outcomes)
 
 

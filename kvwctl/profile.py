@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvwctl.artifacts import PROFILE_FORMAT, model_metadata, write_artifact
-from kvwctl.checkpoint import check_output_file, open_checkpoint, resolve_model
+from kvwctl.checkpoint import open_checkpoint, resolve_model
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.conversation import POSITION_MODES, RenderedSample
-from kvwctl.data import file_sha256, load_samples
+from kvwctl.data import load_samples
 from kvwctl.errors import KvwError
+from kvwctl.files import check_output_file, file_sha256
 from kvwctl.modeling import (
     CoefficientCollector,
     LoadedModel,

@@ -34,10 +34,11 @@ from kvwctl.artifacts import (
     retain_coefficients,
     write_artifact,
 )
-from kvwctl.checkpoint import check_output_dir, check_output_file, open_checkpoint, resolve_model
+from kvwctl.checkpoint import open_checkpoint, resolve_model
 from kvwctl.console import NullTracker, Tracker
-from kvwctl.data import file_sha256, load_samples
+from kvwctl.data import load_samples
 from kvwctl.errors import ArtifactError, KvwError
+from kvwctl.files import check_output_dir, check_output_file, file_sha256
 from kvwctl.method import (
     batch_ranges,
     forget_accessor,

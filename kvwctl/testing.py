@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kvwctl.files import save_safetensors_atomically, write_text_atomically
+
 LLAVA_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
@@ -281,8 +283,12 @@ def save(model: Any, processor: Any, out: Path, *, layout: str = "hub", max_shar
 
 
 def _rename_keys(out: Path, renames: list[tuple[str, str]]) -> None:
+    """Rename the tensors of every shard and the index, each file replaced atomically.
+
+    The tensors are read first and the renamed shard is written to a temporary file that
+    replaces the original: the file ``safe_open`` memory-mapped is never overwritten in place.
+    """
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     def rename(name: str) -> str:
         for old, new in renames:
@@ -296,9 +302,9 @@ def _rename_keys(out: Path, renames: list[tuple[str, str]]) -> None:
         with safe_open(str(out / shard), framework="pt") as stream:
             metadata = stream.metadata()
             tensors = {rename(name): stream.get_tensor(name) for name in stream.keys()}
-        save_file(tensors, str(out / shard), metadata=metadata)
+        save_safetensors_atomically(tensors, out / shard, metadata)
     index["weight_map"] = {rename(name): shard for name, shard in index["weight_map"].items()}
-    index_path.write_text(json.dumps(index, indent=2))
+    write_text_atomically(index_path, json.dumps(index, indent=2))
 
 
 def build_checkpoint(model_type: str, out: Path, *, layout: str = "hub", seed: int = 0) -> Path:

@@ -14,7 +14,8 @@ from kvwctl.accessor import run_accessor
 from kvwctl.apply import LayerEdit, run_apply
 from kvwctl.artifacts import ACCESSOR_FORMAT, read_artifact
 from kvwctl.checkpoint import MANIFEST_FILE, open_checkpoint, read_safetensors_header, resolve_model
-from kvwctl.data import file_sha256, load_image
+from kvwctl.data import load_image
+from kvwctl.files import file_sha256
 from kvwctl.method import gates
 from kvwctl.profile import run_profile
 from kvwctl.progressive import run_progressive

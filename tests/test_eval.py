@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from kvwctl.checkpoint import open_checkpoint, resolve_model
 from kvwctl.cli import app
 from kvwctl.console import NullTracker
-from kvwctl.data import file_sha256, load_image, load_samples
+from kvwctl.data import load_image, load_samples
 from kvwctl.errors import UsageError
 from kvwctl.evaluate import (
     EVAL_FORMAT,
@@ -36,6 +36,7 @@ from kvwctl.evaluate import (
     run_eval,
     summarize,
 )
+from kvwctl.files import file_sha256
 from kvwctl.modeling import encode_prompts, load_model
 from kvwctl.testing import build_checkpoint
 

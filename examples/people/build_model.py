@@ -51,10 +51,10 @@ sys.path.insert(0, str(HERE))
 import make_data  # noqa: E402
 import smollm2  # noqa: E402
 
-from kvwctl.checkpoint import staged_output_dir  # noqa: E402
 from kvwctl.conversation import ChatRenderer  # noqa: E402
-from kvwctl.data import Sample, file_sha256, load_samples  # noqa: E402
+from kvwctl.data import Sample, load_samples  # noqa: E402
 from kvwctl.evaluate import keyword_accuracy, keyword_targets  # noqa: E402
+from kvwctl.files import file_sha256, staged_output_dir  # noqa: E402
 
 DATA = HERE / "data"
 WEIGHTS = HERE / "weights"
