@@ -54,7 +54,7 @@ import smollm2  # noqa: E402
 from kvwctl.checkpoint import staged_output_dir  # noqa: E402
 from kvwctl.conversation import ChatRenderer  # noqa: E402
 from kvwctl.data import Sample, file_sha256, load_samples  # noqa: E402
-from kvwctl.evaluate import keyword_accuracy, keyword_targets  # noqa: E402
+from kvwctl.metrics import keyword_accuracy, keyword_targets  # noqa: E402
 
 DATA = HERE / "data"
 WEIGHTS = HERE / "weights"

@@ -39,7 +39,8 @@ from kvwctl.checkpoint import open_checkpoint, resolve_model  # noqa: E402
 from kvwctl.config import parse_layers  # noqa: E402
 from kvwctl.console import NullTracker  # noqa: E402
 from kvwctl.data import load_samples  # noqa: E402
-from kvwctl.evaluate import generate_answers, keyword_accuracy, keyword_targets  # noqa: E402
+from kvwctl.evaluate import generate_answers  # noqa: E402
+from kvwctl.metrics import keyword_accuracy, keyword_targets  # noqa: E402
 from kvwctl.modeling import load_model  # noqa: E402
 
 SPLITS = ("forget", "retain", "test", "world")
