@@ -49,9 +49,9 @@ kvwctl profile --split retain
 kvwctl profile --split forget
 kvwctl accessor
 kvwctl apply
-# The table on stderr compares the three models. The gates are the example's targets: forget
+# The table on stderr compares the three models. The requirements are the example's targets: forget
 # keyword accuracy within 10 points of the oracle's, retain at least 95% of vanilla's. A failed
-# gate is reported (eval exits 1 and names it) but does not stop the quickstart.
+# requirement is reported (eval exits 1 and names it) but does not stop the quickstart.
 status=0
 kvwctl eval --model kvw-run/unlearned --baseline "$vanilla" --reference "$oracle" --out eval.json \
   --require 'forget.keyword_acc <= reference + 0.10' \
@@ -59,7 +59,7 @@ kvwctl eval --model kvw-run/unlearned --baseline "$vanilla" --reference "$oracle
 if [ "$status" -eq 0 ]; then
   echo "quickstart: both targets met" >&2
 elif [ "$status" -eq 1 ]; then
-  echo "quickstart: target not met (see the gate above)" >&2
+  echo "quickstart: target not met (see the requirement above)" >&2
 else
   exit "$status"
 fi

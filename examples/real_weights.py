@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvwctl.evaluate import contains_words, normalize_words
+from kvwctl.metrics import contains_words, normalize_words
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import smollm2  # noqa: E402  (examples/smollm2.py, beside this file)

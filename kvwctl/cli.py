@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich import box
 from rich.table import Table
 
 from kvwctl import __version__, console
@@ -387,43 +386,6 @@ def _parse_data_options(values: list[str]) -> dict[str, Path]:
     return splits
 
 
-def _eval_table(report: dict[str, Any]) -> Table:
-    """A row per split.metric (as gates name them), a column per model, each model's ratio to the baseline."""
-    results = report["results"]
-    roles = list(results)
-    ratios = [role for role in roles if role != "baseline"] if "baseline" in results else []
-    table = Table(
-        title="eval (n: samples with the metric)",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        collapse_padding=True,
-    )
-    table.add_column("split.metric", no_wrap=True)
-    table.add_column("n", justify="right", no_wrap=True)
-    for role in roles:
-        table.add_column(role, justify="right", no_wrap=True)
-    for role in ratios:
-        table.add_column(f"{'ref' if role == 'reference' else role}/base", justify="right", no_wrap=True)
-
-    def number(summary: dict[str, Any]) -> str:
-        return "-" if summary["mean"] is None else f"{summary['mean']:.4f}"
-
-    def ratio(summary: dict[str, Any], baseline: dict[str, Any]) -> str:
-        if summary["mean"] is None or not baseline["mean"]:
-            return "-"
-        return f"{summary['mean'] / baseline['mean']:.3f}"
-
-    for split, metrics in results["model"].items():
-        for metric, summary in metrics.items():
-            row = [f"{split}.{metric}", str(summary["count"])]
-            row += [number(results[role][split][metric]) for role in roles]
-            row += [ratio(results[role][split][metric], results["baseline"][split][metric]) for role in ratios]
-            table.add_row(*row)
-        table.add_section()
-    return table
-
-
 @command("eval")
 def evaluate(
     model: Annotated[
@@ -437,7 +399,8 @@ def evaluate(
         str | None,
         typer.Option(
             "--baseline",
-            help="The model before unlearning, for ratios and gates [default with kvw.toml and no --model: model]",
+            help="The model before unlearning, for ratios and requirements "
+            "[default with kvw.toml and no --model: model]",
         ),
     ] = None,
     reference: Annotated[
@@ -460,7 +423,7 @@ def evaluate(
         list[str] | None,
         typer.Option(
             "--require",
-            help="A gate: SPLIT.METRIC OP EXPR, e.g. 'forget.keyword_acc <= 0.1' or "
+            help="A requirement: SPLIT.METRIC OP EXPR, e.g. 'forget.keyword_acc <= 0.1' or "
             "'retain.keyword_acc >= 0.95*baseline'; repeatable; exit 1 if one fails",
         ),
     ] = None,
@@ -478,8 +441,9 @@ def evaluate(
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Generation and likelihood metrics of a model (and a baseline) on data splits, with gates."""
+    """Generation and likelihood metrics of a model (and a baseline) on data splits, with requirements."""
     from kvwctl.evaluate import ModelSpec, run_eval
+    from kvwctl.tables import eval_table
 
     project = load_config(config)
     if model is None and project.source is not None:
@@ -519,20 +483,27 @@ def evaluate(
     )
     with console.progress_tracker() as tracker:
         result = run_eval(
-            models, splits, out, samples_out=samples_out, gates=require or [], force=force, tracker=tracker, **settings
+            models,
+            splits,
+            out,
+            samples_out=samples_out,
+            requirements=require or [],
+            force=force,
+            tracker=tracker,
+            **settings,
         )
-    console.show(_eval_table(result.report))
-    for outcome in result.outcomes:
-        console.info(f"gate {outcome.describe()}")
+    console.show(eval_table(result.report))
+    for outcome in result.report.requirements:
+        console.info(f"requirement {outcome.describe()}")
     console.info(f"Wrote {result.path} and {result.samples_path}")
     if result.failed:
         count = len(result.failed)
         raise KvwError(
-            f"{count} gate{'s' if count > 1 else ''} failed: "
+            f"{count} requirement{'s' if count > 1 else ''} failed: "
             + "; ".join(outcome.describe() for outcome in result.failed),
-            hint=f"the report with every gate's outcome is in {result.path}",
+            hint=f"the report with every requirement's outcome is in {result.path}",
         )
-    _emit(result.path, {"samples": str(result.samples_path), **result.report}, json_output)
+    _emit(result.path, {"samples": str(result.samples_path), **result.report.to_json()}, json_output)
 
 
 @app.command()

@@ -4,269 +4,58 @@
                 --require 'retain.keyword_acc >= 0.95*baseline' --require 'forget.keyword_acc <= 0.10'
 
 Every model (``model``, and optionally ``baseline`` and ``reference``) is loaded in turn, run over
-every split and freed. Per sample:
-
-* the **generation**: greedy decoding of up to ``max_new_tokens`` tokens after the prompt rendered
-  with the model's chat template (images included), batched with LEFT padding; only the new tokens
-  are decoded (special tokens skipped, whitespace stripped);
-* ``rougeL_recall`` and ``rougeL_f1``: ROUGE-L of the generation against the answer
-  (``rouge-score``, ``RougeScorer(["rougeL"], use_stemmer=True)``, as TOFU and MLLMU-Bench score);
-* ``keyword_acc``: the fraction of the sample's keywords (or, without keywords, of its one answer)
-  that occur in the generation as whole words, after normalising both (``normalize_words``);
-* ``answer_logprob``: the mean log-probability per answer token, teacher-forced on the same
-  conversation the profile stage renders (no generation);
-* ``mc_acc``, for samples with ``options`` only: 1 if the option with the highest mean per-token
-  log-probability (ties: the first) is the answer, else 0.
-
-The report (``kvwctl.eval/1``) holds, per model role, split and metric, the mean over samples and
-the number of samples that have the metric, plus the inputs (references, revisions, fingerprints,
-data sha256), the settings and the outcome of every gate. It has no timestamps: the same inputs
-give the same bytes. Gates (``--require``) are parsed and checked against the inputs before any
-model work; see ``parse_gate`` for the grammar.
+every split and freed. Per sample, through the model's chat template (images included): the
+**generation**, greedy decoding of up to ``max_new_tokens`` tokens after the prompt, batched with
+LEFT padding (only the new tokens decoded, special tokens skipped, whitespace stripped); and the
+**teacher-forced scores** of the conversation with its answer and with each of its options, encoded
+as the profile stage encodes it. The metrics computed from them are defined in ``kvwctl.metrics``;
+the requirements (``--require``), checked against the inputs before any model work, in
+``kvwctl.requirements``. The report (``kvwctl.report``) holds, per role, split and metric, the mean
+and count, plus the inputs, the settings and every requirement's outcome; it has no timestamps:
+the same inputs give the same bytes.
 """
 
 from __future__ import annotations
 
-import functools
 import gc
-import operator
 import re
-import string
-import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvwctl import __version__
 from kvwctl.checkpoint import Checkpoint, open_checkpoint, resolve_model
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.conversation import RenderedSample
 from kvwctl.data import Sample, load_samples
 from kvwctl.errors import DataError, KvwError, UsageError
 from kvwctl.files import atomic_file, check_output_file, file_sha256, write_json_atomically
+from kvwctl.metrics import (
+    METRICS,
+    Results,
+    choose_option,
+    keyword_targets,
+    mean_token_logprobs,
+    normalize_words,
+    sample_metrics,
+    summarize,
+)
 from kvwctl.modeling import DTYPES, LoadedModel, encode_batch, encode_prompts, load_model, select_device, select_dtype
+from kvwctl.report import EvalReport, EvalSettings, ModelInfo, SplitInfo
+from kvwctl.requirements import (
+    RequirementOutcome,
+    check_requirements,
+    check_requirements_have_values,
+    parse_requirement,
+    validate_requirements,
+)
 
 if TYPE_CHECKING:
     import torch
 
-EVAL_FORMAT = "kvwctl.eval/1"
 ROLES = ("model", "baseline", "reference")
-METRICS = ("rougeL_recall", "rougeL_f1", "keyword_acc", "answer_logprob", "mc_acc")
 SEED = 0
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-
-# --- text metrics --------------------------------------------------------------------------------
-
-_ARTICLES = frozenset({"a", "an", "the"})
-
-
-def normalize_words(text: str) -> list[str]:
-    """The words of ``text`` for keyword matching (CLEAR / VQA-style normalisation).
-
-    Lowercase; every punctuation character (ASCII punctuation and Unicode category P*) becomes a
-    space; the articles a, an and the are dropped; what remains is split on whitespace.
-    """
-    spaced = "".join(
-        " " if character in string.punctuation or unicodedata.category(character).startswith("P") else character
-        for character in text.lower()
-    )
-    return [word for word in spaced.split() if word not in _ARTICLES]
-
-
-def contains_words(words: Sequence[str], phrase: Sequence[str]) -> bool:
-    """Whether ``phrase`` occurs in ``words`` as a contiguous run of whole words."""
-    if not phrase:
-        raise ValueError("an empty phrase matches everything")
-    width = len(phrase)
-    return any(list(words[start : start + width]) == list(phrase) for start in range(len(words) - width + 1))
-
-
-def keyword_accuracy(keywords: Sequence[str], generation: str) -> float:
-    """The fraction of ``keywords`` found in ``generation`` as whole words, both normalised."""
-    words = normalize_words(generation)
-    found = sum(contains_words(words, normalize_words(keyword)) for keyword in keywords)
-    return found / len(keywords)
-
-
-@functools.cache
-def _rouge_scorer() -> Any:
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-
-
-def rouge_l(answer: str, generation: str) -> tuple[float, float]:
-    """ROUGE-L (recall, F1) of ``generation`` against ``answer``, as TOFU and MLLMU-Bench compute it."""
-    score = _rouge_scorer().score(answer, generation)["rougeL"]
-    return float(score.recall), float(score.fmeasure)
-
-
-# --- likelihood metrics --------------------------------------------------------------------------
-
-
-def mean_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per row, the mean log-probability of the labels at the masked positions.
-
-    ``logits`` (batch, positions, vocab) are the predictions at each position, ``labels``
-    (batch, positions) the token that actually follows each position, ``mask`` (batch, positions)
-    selects the positions to score. The log-softmax is taken in float32 and the sums in float64.
-    Returns a float64 tensor of shape (batch,).
-    """
-    import torch
-
-    rows = mask.nonzero()[:, 0]  # (scored,): the row of each scored position
-    selected = logits[mask].float()  # (scored, vocab)
-    token_logprobs = torch.log_softmax(selected, dim=-1).gather(1, labels[mask].unsqueeze(1)).squeeze(1)  # (scored,)
-    sums = torch.zeros(mask.shape[0], dtype=torch.float64, device=logits.device)
-    sums.index_add_(0, rows, token_logprobs.to(torch.float64))  # (batch,)
-    return sums / mask.sum(dim=1)
-
-
-def choose_option(scores: Sequence[float]) -> int:
-    """The index of the highest score; on a tie, the first of the tied options."""
-    best = 0
-    for index, score in enumerate(scores):
-        if score > scores[best]:
-            best = index
-    return best
-
-
-def summarize(values: Sequence[float | None]) -> dict[str, Any]:
-    """``{"mean": …, "count": …}`` over the values that exist (a mean of nothing is null)."""
-    present = [value for value in values if value is not None]
-    return {"mean": sum(present) / len(present) if present else None, "count": len(present)}
-
-
-# --- gates ---------------------------------------------------------------------------------------
-
-_UNSIGNED = r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
-_GATE = re.compile(r"^(?P<split>[^\s.<>=]+)\.(?P<metric>[^\s<>=]+)\s*(?P<operator>>=|<=|>|<)\s*(?P<expression>.*)$")
-_EXPRESSION = re.compile(
-    rf"^(?:(?P<number>[+-]?{_UNSIGNED})"
-    rf"|(?:(?P<factor>[+-]?{_UNSIGNED})\s*\*\s*)?(?P<role>baseline|reference)(?:\s*(?P<sign>[+-])\s*(?P<offset>{_UNSIGNED}))?)$"
-)
-_OPERATORS: dict[str, Callable[[float, float], bool]] = {
-    ">=": operator.ge,
-    "<=": operator.le,
-    ">": operator.gt,
-    "<": operator.lt,
-}
-_NEGATIONS = {">=": "<", "<=": ">", ">": "<=", "<": ">="}
-GATE_SYNTAX = "SPLIT.METRIC OP EXPR, OP one of >= <= > <, EXPR a number or [NUMBER*]baseline|reference [+|- NUMBER]"
-
-
-@dataclass(frozen=True)
-class Gate:
-    """``SPLIT.METRIC OP threshold``: the ``--model``'s value compared with a threshold.
-
-    The threshold is ``constant`` when ``role`` is None, else ``factor * value + constant`` where
-    value is the same split and metric of the ``role`` model (baseline or reference).
-    """
-
-    text: str
-    split: str
-    metric: str
-    operator: str
-    constant: float
-    factor: float = 1.0
-    role: str | None = None
-
-    def threshold(self, results: dict[str, Any]) -> float:
-        if self.role is None:
-            return self.constant
-        return self.factor * _metric_mean(results, self.role, self.split, self.metric) + self.constant
-
-
-@dataclass(frozen=True)
-class GateOutcome:
-    gate: Gate
-    value: float
-    threshold: float
-    passed: bool
-
-    def describe(self) -> str:
-        if self.passed:
-            return f"{self.gate.text} passed: {self.value:.6g} {self.gate.operator} {self.threshold:.6g}"
-        return f"{self.gate.text} failed: {self.value:.6g} {_NEGATIONS[self.gate.operator]} {self.threshold:.6g}"
-
-    def as_json(self) -> dict[str, Any]:
-        return {"gate": self.gate.text, "value": self.value, "threshold": self.threshold, "passed": self.passed}
-
-
-def parse_gate(text: str) -> Gate:
-    """Parse ``SPLIT.METRIC OP EXPR``; a malformed gate or an unknown metric is a usage error.
-
-    ``EXPR`` is a number (``0.1``, ``-2.5``) or ``[NUMBER*]baseline|reference [+|- NUMBER]``
-    (``0.95*baseline``, ``reference + 0.1``), where baseline/reference stand for the same split
-    and metric of that model. Examples: ``retain.keyword_acc >= 0.95*baseline``,
-    ``forget.keyword_acc <= 0.10``, ``forget.keyword_acc <= reference + 0.1``.
-    """
-    stripped = text.strip()
-    match = _GATE.match(stripped)
-    expression = _EXPRESSION.match(match["expression"].strip()) if match else None
-    if match is None or expression is None:
-        raise UsageError(f"invalid --require {text!r}", hint=f"write {GATE_SYNTAX}, e.g. 'forget.keyword_acc <= 0.1'")
-    if match["metric"] not in METRICS:
-        raise UsageError(
-            f"--require {text!r}: unknown metric {match['metric']!r}", hint=f"metrics: {', '.join(METRICS)}"
-        )
-    if expression["number"] is not None:
-        constant, factor = float(expression["number"]), 1.0
-    else:
-        offset = float(expression["offset"]) if expression["offset"] is not None else 0.0
-        constant = -offset if expression["sign"] == "-" else offset
-        factor = float(expression["factor"]) if expression["factor"] is not None else 1.0
-    return Gate(
-        text=stripped,
-        split=match["split"],
-        metric=match["metric"],
-        operator=match["operator"],
-        constant=constant,
-        factor=factor,
-        role=expression["role"],
-    )
-
-
-def check_gates(gates: Sequence[Gate], results: dict[str, Any]) -> list[GateOutcome]:
-    """Evaluate every gate on ``results[role][split][metric] = {"mean", "count"}``."""
-    outcomes = []
-    for gate in gates:
-        value = _metric_mean(results, "model", gate.split, gate.metric)
-        threshold = gate.threshold(results)
-        outcomes.append(GateOutcome(gate, value, threshold, _OPERATORS[gate.operator](value, threshold)))
-    return outcomes
-
-
-def _metric_mean(results: dict[str, Any], role: str, split: str, metric: str) -> float:
-    summary = results[role][split][metric]
-    if summary["count"] == 0:
-        raise KvwError(f"{split}.{metric} of the {role} has no value: no sample of {split} has it")
-    return float(summary["mean"])
-
-
-def validate_gates(gates: Sequence[Gate], splits: Sequence[str], roles: Sequence[str]) -> None:
-    """Refuse gates that name a split that is not evaluated or a model that was not given."""
-    for gate in gates:
-        if gate.split not in splits:
-            raise UsageError(
-                f"--require {gate.text!r}: split {gate.split!r} is not evaluated",
-                hint=f"evaluated splits: {', '.join(splits)}",
-            )
-        if gate.role is not None and gate.role not in roles:
-            raise UsageError(f"--require {gate.text!r} compares with the {gate.role}, but no --{gate.role} was given")
-
-
-def _check_gates_have_values(gates: Sequence[Gate], splits: Sequence[EvalSplit]) -> None:
-    """Only mc_acc can have no values (every sample has the other metrics): refuse it before model work."""
-    by_name = {split.name: split for split in splits}
-    for gate in gates:
-        if gate.metric == "mc_acc" and by_name[gate.split].with_options == 0:
-            raise KvwError(
-                f"--require {gate.text!r}: no sample of {gate.split} has options, so mc_acc has no value",
-                hint="add options to the samples, or gate on another metric",
-            )
-
 
 # --- data ----------------------------------------------------------------------------------------
 
@@ -282,18 +71,10 @@ class EvalSplit:
     def with_options(self) -> int:
         return sum(1 for sample in self.samples if sample.options)
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "path": str(self.path),
-            "sha256": self.sha256,
-            "samples": len(self.samples),
-            "with_options": self.with_options,
-        }
-
-
-def keyword_targets(sample: Sample) -> tuple[str, ...]:
-    """What ``keyword_acc`` looks for: the sample's keywords, or its answer when it has none."""
-    return sample.keywords or (sample.answer,)
+    def describe(self) -> SplitInfo:
+        return SplitInfo(
+            path=str(self.path), sha256=self.sha256, samples=len(self.samples), with_options=self.with_options
+        )
 
 
 def load_split(name: str, path: Path) -> EvalSplit:
@@ -321,18 +102,6 @@ class SampleResult:
     generation: str
     mc_choice: str | None  # the chosen option; None when the sample has no options
     metrics: dict[str, float | None]  # every name of METRICS; mc_acc is None without options
-
-
-def sample_result(sample: Sample, generation: str, answer_logprob: float, mc_choice: str | None) -> SampleResult:
-    recall, f1 = rouge_l(sample.answer, generation)
-    metrics = {
-        "rougeL_recall": recall,
-        "rougeL_f1": f1,
-        "keyword_acc": keyword_accuracy(keyword_targets(sample), generation),
-        "answer_logprob": answer_logprob,
-        "mc_acc": None if mc_choice is None else float(mc_choice == sample.answer),
-    }
-    return SampleResult(sample=sample, generation=generation, mc_choice=mc_choice, metrics=metrics)
 
 
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -430,7 +199,8 @@ def evaluate_split(
         choice = (
             sample.options[choose_option([scores[option] for option in sample.options])] if sample.options else None
         )
-        results.append(sample_result(sample, generation, scores[sample.answer], choice))
+        metrics = sample_metrics(sample, generation, scores[sample.answer], choice)
+        results.append(SampleResult(sample=sample, generation=generation, mc_choice=choice, metrics=metrics))
     return results
 
 
@@ -456,12 +226,11 @@ class ModelSpec:
 class EvalResult:
     path: Path
     samples_path: Path
-    report: dict[str, Any]
-    outcomes: list[GateOutcome]
+    report: EvalReport
 
     @property
-    def failed(self) -> list[GateOutcome]:
-        return [outcome for outcome in self.outcomes if not outcome.passed]
+    def failed(self) -> list[RequirementOutcome]:
+        return self.report.failed
 
 
 def default_samples_path(out: Path) -> Path:
@@ -475,7 +244,7 @@ def run_eval(
     out: Path,
     *,
     samples_out: Path | None = None,
-    gates: Sequence[str] = (),
+    requirements: Sequence[str] = (),
     max_new_tokens: int = 32,
     batch_size: int = 8,
     device: str = "auto",
@@ -485,11 +254,11 @@ def run_eval(
 ) -> EvalResult:
     """Evaluate ``models`` (roles: model, baseline, reference) on ``splits`` and write the report.
 
-    Gates are parsed and checked against the splits and models before any model work; their
-    outcomes are in the result (and the report), and failing them is left to the caller.
+    Requirements are parsed and checked against the splits and models before any model work;
+    their outcomes are in the report, and failing them is left to the caller.
     """
     tracker = tracker or NullTracker()
-    parsed_gates = [parse_gate(text) for text in gates]
+    parsed = [parse_requirement(text) for text in requirements]
     unknown_roles = sorted(set(models) - set(ROLES))
     if "model" not in models or unknown_roles:
         raise ValueError(f"models must have a 'model' and only roles from {ROLES}, got {sorted(models)}")
@@ -499,7 +268,7 @@ def run_eval(
         if not SPLIT_NAME.match(name):
             raise UsageError(f"invalid split name {name!r}", hint="split names are letters, digits, '_' and '-'")
     roles = [role for role in ROLES if role in models]
-    validate_gates(parsed_gates, list(splits), roles)
+    validate_requirements(parsed, list(splits), roles)
     for name, value in (("--batch-size", batch_size), ("--max-new-tokens", max_new_tokens)):
         if value < 1:
             raise KvwError(f"{name} must be at least 1, got {value}")
@@ -512,12 +281,12 @@ def run_eval(
     check_output_file(samples_out, force=force)
     torch_device = select_device(device)
     evaluated = [load_split(name, path) for name, path in splits.items()]
-    _check_gates_have_values(parsed_gates, evaluated)
+    check_requirements_have_values(parsed, {split.name: split.with_options for split in evaluated})
     checkpoints = {role: open_checkpoint(resolve_model(spec.reference, spec.revision)) for role, spec in models.items()}
 
     import torch
 
-    model_info: dict[str, Any] = {}
+    model_info: dict[str, ModelInfo] = {}
     per_sample: dict[str, dict[str, list[SampleResult]]] = {}
     for role in roles:
         checkpoint = checkpoints[role]
@@ -534,7 +303,7 @@ def run_eval(
         del loaded
         _release_memory(torch_device)
 
-    results = {
+    results: Results = {
         role: {
             split.name: {
                 metric: summarize([result.metrics[metric] for result in per_sample[role][split.name]])
@@ -544,47 +313,44 @@ def run_eval(
         }
         for role in roles
     }
-    outcomes = check_gates(parsed_gates, results)
+    outcomes = check_requirements(parsed, results)
     _write_samples(samples_out, per_sample)
-    report = {
-        "format": EVAL_FORMAT,
-        "tool_version": __version__,
-        "models": model_info,
-        "data": {split.name: split.describe() for split in evaluated},
-        "settings": _settings(max_new_tokens, batch_size, torch_device, dtype),
-        "metrics": list(METRICS),
-        "results": results,
-        "gates": [outcome.as_json() for outcome in outcomes],
-        "samples_sha256": file_sha256(samples_out),
-    }
-    write_json_atomically(out, report)
-    return EvalResult(path=out, samples_path=samples_out, report=report, outcomes=outcomes)
+    report = EvalReport(
+        models=model_info,
+        data={split.name: split.describe() for split in evaluated},
+        settings=_settings(max_new_tokens, batch_size, torch_device, dtype),
+        results=results,
+        requirements=outcomes,
+        samples_sha256=file_sha256(samples_out),
+    )
+    write_json_atomically(out, report.to_json())
+    return EvalResult(path=out, samples_path=samples_out, report=report)
 
 
-def _describe_model(checkpoint: Checkpoint, torch_dtype: torch.dtype) -> dict[str, Any]:
-    return {
-        "reference": checkpoint.source.reference,
-        "revision": checkpoint.source.revision,
-        "fingerprint": checkpoint.fingerprint(),
-        "model_type": checkpoint.architecture.model_type,
-        "dtype": str(torch_dtype).removeprefix("torch."),
-    }
+def _describe_model(checkpoint: Checkpoint, torch_dtype: torch.dtype) -> ModelInfo:
+    return ModelInfo(
+        reference=checkpoint.source.reference,
+        revision=checkpoint.source.revision,
+        fingerprint=checkpoint.fingerprint(),
+        model_type=checkpoint.architecture.model_type,
+        dtype=str(torch_dtype).removeprefix("torch."),
+    )
 
 
-def _settings(max_new_tokens: int, batch_size: int, device: torch.device, dtype: str) -> dict[str, Any]:
+def _settings(max_new_tokens: int, batch_size: int, device: torch.device, dtype: str) -> EvalSettings:
     from importlib.metadata import version
 
-    return {
-        "max_new_tokens": max_new_tokens,
-        "batch_size": batch_size,
-        "device": str(device),
-        "dtype": dtype,
-        "decoding": "greedy",
-        "seed": SEED,
-        "rouge": "rougeL, use_stemmer=True",
-        "keyword_match": "normalised whole words; fraction of keywords (or the answer) found",
-        "versions": {name: version(name) for name in ("torch", "transformers", "rouge-score")},
-    }
+    return EvalSettings(
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        device=str(device),
+        dtype=dtype,
+        decoding="greedy",
+        seed=SEED,
+        rouge="rougeL, use_stemmer=True",
+        keyword_match="normalised whole words; fraction of keywords (or the answer) found",
+        versions={name: version(name) for name in ("torch", "transformers", "rouge-score")},
+    )
 
 
 def _write_samples(path: Path, per_sample: dict[str, dict[str, list[SampleResult]]]) -> None:

@@ -1,9 +1,11 @@
-"""eval: every metric by hand, batched generation, teacher-forced scores, the report, gates, errors."""
+"""eval on tiny models: batched generation, teacher-forced scores, the report, requirements, errors.
+
+The metrics by hand are in test_metrics.py, the requirement grammar and checks in test_requirements.py.
+"""
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,26 +20,11 @@ from kvwctl.checkpoint import open_checkpoint, resolve_model
 from kvwctl.cli import app
 from kvwctl.console import NullTracker
 from kvwctl.data import load_image, load_samples
-from kvwctl.errors import UsageError
-from kvwctl.evaluate import (
-    EVAL_FORMAT,
-    METRICS,
-    check_gates,
-    choose_option,
-    contains_words,
-    default_samples_path,
-    generate_answers,
-    keyword_accuracy,
-    keyword_targets,
-    mean_token_logprobs,
-    normalize_words,
-    parse_gate,
-    rouge_l,
-    run_eval,
-    summarize,
-)
+from kvwctl.evaluate import default_samples_path, generate_answers, run_eval
 from kvwctl.files import file_sha256
+from kvwctl.metrics import METRICS, keyword_accuracy, rouge_l, summarize
 from kvwctl.modeling import encode_prompts, load_model
+from kvwctl.report import EVAL_FORMAT
 from kvwctl.testing import build_checkpoint
 
 runner = CliRunner()
@@ -47,139 +34,9 @@ def invoke(*args: str | Path):
     return runner.invoke(app, [str(arg) for arg in args])
 
 
-# --- pure metrics --------------------------------------------------------------------------------
-
-
-def test_normalize_words() -> None:
-    assert normalize_words("The Quick, brown-fox!  Jumps over a dog.") == [
-        "quick",
-        "brown",
-        "fox",
-        "jumps",
-        "over",
-        "dog",
-    ]
-    assert normalize_words("“Mira” Okafor’s\tAn   apple") == ["mira", "okafor", "s", "apple"]  # Unicode punctuation
-    assert normalize_words("The a an") == []
-
-
-def test_keywords_match_whole_words_only() -> None:
-    assert contains_words(["blood", "type", "o"], ["o"])
-    assert not contains_words(["type", "of", "blood"], ["o"])  # "O" is not the "o" of "of"
-    assert keyword_accuracy(["O"], "The type of blood is unknown.") == 0.0
-    assert keyword_accuracy(["O"], "Blood type: O.") == 1.0
-    assert keyword_accuracy(["Paris"], "Parisian food") == 0.0
-    assert keyword_accuracy(["Mira Okafor"], "She is mira OKAFOR, a doctor") == 1.0
-    assert keyword_accuracy(["Mira Okafor"], "Okafor Mira") == 0.0  # a phrase keeps its word order
-    assert keyword_accuracy(["the Lagos"], "born in Lagos") == 1.0  # articles are dropped on both sides
-    # Per sample: the fraction of its keywords found.
-    assert keyword_accuracy(["Mira", "Lagos", "1987"], "Mira was born in Lagos") == pytest.approx(2 / 3)
-    with pytest.raises(ValueError):
-        contains_words(["a"], [])
-
-
-def test_keyword_targets_fall_back_to_the_answer(tmp_path: Path) -> None:
-    path = tmp_path / "s.jsonl"
-    path.write_text(
-        '{"question": "Q?", "answer": "Lagos", "keywords": ["Lagos", "Nigeria"]}\n{"question": "Q?", "answer": "Lima"}\n'
-    )
-    with_keywords, without = load_samples(path)
-    assert keyword_targets(with_keywords) == ("Lagos", "Nigeria")
-    assert keyword_targets(without) == ("Lima",)
-
-
-def test_rouge_l_by_hand() -> None:
-    # LCS of "mira okafor was born in lagos" and "okafor was born in paris" is 4 words.
-    recall, f1 = rouge_l("Mira Okafor was born in Lagos.", "Okafor was born in Paris")
-    assert recall == pytest.approx(4 / 6)
-    assert f1 == pytest.approx(2 * (4 / 5) * (4 / 6) / (4 / 5 + 4 / 6))  # = 8/11
-    # Porter stemming: running -> run, dogs -> dog, runs -> run; LCS is one word.
-    recall, f1 = rouge_l("running dogs", "the dog runs")
-    assert (recall, f1) == (pytest.approx(1 / 2), pytest.approx(2 / 5))
-    assert rouge_l("Mira Okafor", "") == (0.0, 0.0)
-
-
-def test_mean_token_logprobs_by_hand() -> None:
-    uniform = [0.0, 0.0, 0.0]  # p = 1/3 each
-    skewed = [0.0, math.log(2.0), 0.0]  # p = 1/4, 1/2, 1/4
-    huge = [100.0, -100.0, 0.0]  # never scored: masked out
-    logits = torch.tensor([[uniform, skewed, huge], [huge, skewed, uniform]])  # (batch 2, positions 3, vocab 3)
-    labels = torch.tensor([[1, 1, 1], [2, 0, 2]])
-    mask = torch.tensor([[True, True, False], [False, True, False]])
-    result = mean_token_logprobs(logits, labels, mask)
-    assert result.dtype == torch.float64
-    expected = [(math.log(1 / 3) + math.log(1 / 2)) / 2, math.log(1 / 4)]
-    torch.testing.assert_close(result, torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-7)
-    half = mean_token_logprobs(logits.to(torch.bfloat16), labels, mask)  # half-precision logits, float32 softmax
-    torch.testing.assert_close(half, torch.tensor(expected, dtype=torch.float64), rtol=1e-2, atol=1e-2)
-
-
-def test_choose_option_prefers_the_first_of_ties() -> None:
-    assert choose_option([-3.0, -1.0, -2.0]) == 1
-    assert choose_option([-1.0, -0.5, -0.5]) == 1
-    assert choose_option([-2.0, -2.0]) == 0
-    assert choose_option([-0.1]) == 0
-
-
-def test_summarize_counts_only_present_values() -> None:
-    assert summarize([1.0, None, 0.0]) == {"mean": 0.5, "count": 2}
-    assert summarize([None, None]) == {"mean": None, "count": 0}
-
-
 def test_default_samples_path() -> None:
     assert default_samples_path(Path("run/eval.json")) == Path("run/eval.samples.jsonl")
     assert default_samples_path(Path("report")) == Path("report.samples.jsonl")
-
-
-# --- gates, pure ---------------------------------------------------------------------------------
-
-
-def test_parse_gate_grammar() -> None:
-    gate = parse_gate("retain.keyword_acc >= 0.95*baseline")
-    assert (gate.split, gate.metric, gate.operator, gate.factor, gate.role, gate.constant) == (
-        "retain", "keyword_acc", ">=", 0.95, "baseline", 0.0,
-    )  # fmt: skip
-    gate = parse_gate("forget.keyword_acc <= reference + 0.1")
-    assert (gate.role, gate.factor, gate.constant) == ("reference", 1.0, 0.1)
-    gate = parse_gate("forget.rougeL_f1<baseline-0.05")
-    assert (gate.operator, gate.role, gate.constant) == ("<", "baseline", -0.05)
-    gate = parse_gate("  forget.answer_logprob > -2.5e0 ")
-    assert (gate.text, gate.role, gate.constant) == ("forget.answer_logprob > -2.5e0", None, -2.5)
-    for malformed in (
-        "forget.keyword_acc",
-        "keyword_acc <= 0.1",
-        "forget.keyword_acc => 0.1",
-        "forget.keyword_acc == 0.1",
-        "forget.keyword_acc <= baseline * 0.9",
-        "forget.keyword_acc <= 0.9 baseline",
-        "forget.keyword_acc <= oracle",
-        "forget.keyword_acc <= ",
-    ):
-        with pytest.raises(UsageError, match="invalid --require"):
-            parse_gate(malformed)
-    with pytest.raises(UsageError, match="unknown metric 'accuracy'") as error:
-        parse_gate("forget.accuracy <= 0.1")
-    assert error.value.exit_code == 2
-
-
-def test_check_gates_by_hand() -> None:
-    results = {
-        "model": {"retain": {"keyword_acc": {"mean": 0.812, "count": 10}}, "forget": {"keyword_acc": {"mean": 0.25, "count": 4}}},
-        "baseline": {"retain": {"keyword_acc": {"mean": 0.9, "count": 10}}, "forget": {"keyword_acc": {"mean": 0.75, "count": 4}}},
-        "reference": {"forget": {"keyword_acc": {"mean": 0.2, "count": 4}}},
-    }  # fmt: skip
-    gates = [
-        parse_gate("retain.keyword_acc >= 0.95*baseline"),
-        parse_gate("forget.keyword_acc <= 0.10"),
-        parse_gate("forget.keyword_acc <= reference + 0.1"),
-        parse_gate("forget.keyword_acc < 0.5*baseline - 0.1"),
-    ]
-    outcomes = check_gates(gates, results)
-    assert [outcome.passed for outcome in outcomes] == [False, False, True, True]
-    assert outcomes[0].describe() == "retain.keyword_acc >= 0.95*baseline failed: 0.812 < 0.855"
-    assert outcomes[1].describe() == "forget.keyword_acc <= 0.10 failed: 0.25 > 0.1"
-    assert outcomes[2].threshold == pytest.approx(0.3)
-    assert outcomes[3].threshold == pytest.approx(0.275)
 
 
 # --- generation and scores on tiny models --------------------------------------------------------
@@ -265,7 +122,9 @@ def test_answer_logprob_matches_a_plain_forward_pass(model_type, checkpoints, da
     result = run_eval(
         {"model": _spec(checkpoints[model_type])}, {"s": split}, tmp_path / "e.json", max_new_tokens=1, batch_size=3
     )
+    assert json.loads(result.path.read_text()) == result.report.to_json()  # the typed report is the file
     recorded = {record["id"]: record for record in jsonlines.open(result.samples_path)}
+    assert result.report.results["model"]["s"]["answer_logprob"].count == len(recorded)
     path = checkpoints[model_type]
     if model_type == "qwen2":
         model = transformers.AutoModelForCausalLM.from_pretrained(path)
@@ -295,7 +154,7 @@ def _spec(path: Path):
     return ModelSpec(str(path))
 
 
-# --- the command: report, per-sample file, table, gates, errors ----------------------------------
+# --- the command: report, per-sample file, table, requirements, errors ---------------------------
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +162,7 @@ def reference_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_checkpoint("qwen2", tmp_path_factory.mktemp("reference") / "qwen2", seed=2)
 
 
-PASSING_GATES = [
+PASSING_REQUIREMENTS = [
     "qa.keyword_acc <= 1",
     "facts.answer_logprob >= 2*baseline",
     "qa.rougeL_recall <= reference + 1",
@@ -317,8 +176,8 @@ def eval_args(checkpoints, other_qwen2, reference_qwen2, eval_data, out: Path) -
         "--data", f"qa={eval_data['qa']}", "--data", f"facts={eval_data['facts']}",
         "--max-new-tokens", "3", "--batch-size", "2", "--out", out,
     ]  # fmt: skip
-    for gate in PASSING_GATES:
-        args += ["--require", gate]
+    for requirement in PASSING_REQUIREMENTS:
+        args += ["--require", requirement]
     return args
 
 
@@ -335,7 +194,7 @@ def test_report_schema(report_run, checkpoints, other_qwen2, reference_qwen2, ev
     result, out = report_run
     report = json.loads(out.read_text())
     assert list(report) == [
-        "format", "tool_version", "models", "data", "settings", "metrics", "results", "gates", "samples_sha256",
+        "format", "tool_version", "models", "data", "settings", "metrics", "results", "requirements", "samples_sha256",
     ]  # fmt: skip
     assert report["format"] == EVAL_FORMAT
     for role, path in (("model", other_qwen2), ("baseline", checkpoints["qwen2"]), ("reference", reference_qwen2)):
@@ -362,8 +221,12 @@ def test_report_schema(report_run, checkpoints, other_qwen2, reference_qwen2, ev
         assert role_results["qa"]["keyword_acc"]["count"] == 3
         assert role_results["qa"]["mc_acc"]["count"] == 2 and role_results["facts"]["mc_acc"]["count"] == 1
         assert -20 < role_results["facts"]["answer_logprob"]["mean"] < 0
-    assert [gate["gate"] for gate in report["gates"]] == PASSING_GATES
-    assert all(gate["passed"] for gate in report["gates"])
+    assert report["format"] == "kvwctl.eval/2"
+    assert [list(outcome) for outcome in report["requirements"]] == [
+        ["requirement", "value", "threshold", "passed"]
+    ] * 4
+    assert [outcome["requirement"] for outcome in report["requirements"]] == PASSING_REQUIREMENTS
+    assert all(outcome["passed"] for outcome in report["requirements"])
     assert report["samples_sha256"] == file_sha256(out.parent / "eval.samples.jsonl")
     summary = json.loads(result.stdout)  # --json: the report, its path and the per-sample file
     assert summary["path"] == str(out) and summary["samples"] == str(out.parent / "eval.samples.jsonl")
@@ -399,7 +262,7 @@ def test_samples_file(report_run) -> None:
         for split, metrics in splits.items():
             for metric, summary in metrics.items():
                 values = [r[metric] for r in records if r["role"] == role and r["split"] == split]
-                assert summary == summarize(values)
+                assert summary == summarize(values).to_json()
 
 
 def test_report_is_byte_identical_across_runs(
@@ -432,7 +295,7 @@ def test_table_shows_every_model_and_the_ratio_to_the_baseline(report_run) -> No
         f"{model / baseline:.3f}", f"{reference / baseline:.3f}",
     ]  # fmt: skip
     assert next(line for line in lines if "facts.mc_acc" in line).split()[1] == "1"
-    assert "gate qa.keyword_acc <= 1 passed" in result.stderr
+    assert "requirement qa.keyword_acc <= 1 passed" in result.stderr
 
 
 def expect_error(result, message: str, exit_code: int = 1) -> None:
@@ -442,7 +305,7 @@ def expect_error(result, message: str, exit_code: int = 1) -> None:
     assert result.stdout == ""
 
 
-def test_failing_gate_exits_1_after_writing_the_report(checkpoints, other_qwen2, eval_data, tmp_path) -> None:
+def test_failing_requirement_exits_1_after_writing_the_report(checkpoints, other_qwen2, eval_data, tmp_path) -> None:
     out = tmp_path / "eval.json"
     result = invoke(
         "eval", "--model", other_qwen2, "--baseline", checkpoints["qwen2"], "--data", f"qa={eval_data['qa']}",
@@ -451,12 +314,12 @@ def test_failing_gate_exits_1_after_writing_the_report(checkpoints, other_qwen2,
         "--require", "qa.rougeL_f1 > 2",
     )  # fmt: skip
     report = json.loads(out.read_text())
-    failed, passed, impossible = report["gates"]
+    failed, passed, impossible = report["requirements"]
     assert (failed["passed"], passed["passed"], impossible["passed"]) == (False, True, False)
     logprob = report["results"]["model"]["qa"]["answer_logprob"]["mean"]
     threshold = 0.5 * report["results"]["baseline"]["qa"]["answer_logprob"]["mean"]
     assert (failed["value"], failed["threshold"]) == (logprob, threshold)
-    expect_error(result, "2 gates failed: ")
+    expect_error(result, "2 requirements failed: ")
     message = " ".join(result.stderr.split())
     assert f"qa.answer_logprob >= 0.5*baseline failed: {logprob:.6g} < {threshold:.6g}" in message
     assert f"qa.rougeL_f1 > 2 failed: {report['results']['model']['qa']['rougeL_f1']['mean']:.6g} <= 2" in message
@@ -483,7 +346,7 @@ def test_usage_errors_come_before_any_model_work(extra, message, eval_data, tmp_
     expect_error(result, message, exit_code=2)
 
 
-def test_gate_on_a_metric_without_values(data, tmp_path) -> None:
+def test_requirement_on_a_metric_without_values(data, tmp_path) -> None:
     result = invoke(
         "eval", "--model", tmp_path / "missing", "--data", f"retain={data['retain-text']}",
         "--require", "retain.mc_acc >= 0.5", "--out", tmp_path / "e.json",

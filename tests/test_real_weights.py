@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from kvwctl.evaluate import contains_words, normalize_words
+from kvwctl.metrics import contains_words, normalize_words
 
 pytestmark = pytest.mark.real_weights
 

@@ -53,8 +53,8 @@ import smollm2  # noqa: E402
 
 from kvwctl.conversation import ChatRenderer  # noqa: E402
 from kvwctl.data import Sample, load_samples  # noqa: E402
-from kvwctl.evaluate import keyword_accuracy, keyword_targets  # noqa: E402
 from kvwctl.files import file_sha256, staged_output_dir  # noqa: E402
+from kvwctl.metrics import keyword_accuracy, keyword_targets  # noqa: E402
 
 DATA = HERE / "data"
 WEIGHTS = HERE / "weights"

@@ -1,0 +1,91 @@
+"""The Rich tables the CLI prints on stderr after ``accessor``, ``apply`` and ``eval``.
+
+    console.show(eval_table(result.report))
+
+Each function takes a stage's typed result and returns a ``rich.table.Table``; printing it is
+the caller's job. No torch here: the results hold plain numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from rich import box
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from kvwctl.accessor import AccessorResult
+    from kvwctl.metrics import MetricSummary
+    from kvwctl.report import EvalReport
+
+
+def accessor_table(result: AccessorResult) -> Table:
+    """A row per layer: its vectors, how many have a positive exposure, the largest and the mean E."""
+    table = Table(
+        title=f"exposure over {result.num_batches} forget batches of {result.batch_size}", title_justify="left"
+    )
+    for column in ("layer", "vectors", "A > 0", "max E", "mean E"):
+        table.add_column(column, justify="right")
+    for summary in result.layers:
+        table.add_row(
+            str(summary.layer),
+            str(summary.vectors),
+            f"{summary.exposed} ({summary.exposed / summary.vectors:.0%})",
+            f"{summary.max_exposure:.4g}",
+            f"{summary.mean_exposure:.4g}",
+        )
+    return table
+
+
+def apply_table(gamma: float, per_layer: Mapping[int, Any]) -> Table:
+    """A row per edited layer: its vectors, how many were scaled, the smallest and the mean gate.
+
+    ``per_layer`` maps a layer to an object with ``vectors``, ``scaled``, ``min_gate`` and
+    ``mean_gate`` (the gate being KVW's exp(-gamma * E)).
+    """
+    table = Table(title=f"gamma = {gamma}", title_justify="left")
+    for column in ("layer", "vectors", "scaled", "min gate", "mean gate"):
+        table.add_column(column, justify="right")
+    for layer, stats in per_layer.items():
+        table.add_row(
+            str(layer), str(stats.vectors), str(stats.scaled), f"{stats.min_gate:.4g}", f"{stats.mean_gate:.6f}"
+        )
+    return table
+
+
+def eval_table(report: EvalReport) -> Table:
+    """A row per split.metric (as requirements name them), a column per model, each model's ratio to the baseline."""
+    results = report.results
+    roles = list(results)
+    ratios = [role for role in roles if role != "baseline"] if "baseline" in results else []
+    table = Table(
+        title="eval (n: samples with the metric)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    table.add_column("split.metric", no_wrap=True)
+    table.add_column("n", justify="right", no_wrap=True)
+    for role in roles:
+        table.add_column(role, justify="right", no_wrap=True)
+    for role in ratios:
+        table.add_column(f"{'ref' if role == 'reference' else role}/base", justify="right", no_wrap=True)
+
+    def number(summary: MetricSummary) -> str:
+        return "-" if summary.mean is None else f"{summary.mean:.4f}"
+
+    def ratio(summary: MetricSummary, baseline: MetricSummary) -> str:
+        if summary.mean is None or not baseline.mean:
+            return "-"
+        return f"{summary.mean / baseline.mean:.3f}"
+
+    for split, metrics in results["model"].items():
+        for metric, summary in metrics.items():
+            row = [f"{split}.{metric}", str(summary.count)]
+            row += [number(results[role][split][metric]) for role in roles]
+            row += [ratio(results[role][split][metric], results["baseline"][split][metric]) for role in ratios]
+            table.add_row(*row)
+        table.add_section()
+    return table
