@@ -29,9 +29,10 @@ from kvwctl.artifacts import (
     retain_coefficients,
     write_artifact,
 )
-from kvwctl.errors import ArtifactError, KvwError
+from kvwctl.errors import ArtifactError
 from kvwctl.files import check_output_file, file_sha256
 from kvwctl.method import LayerSummary, batch_accessors, batch_ranges, exposure, summarize_exposures
+from kvwctl.options import AccessorOptions
 
 
 @dataclass(frozen=True)
@@ -65,14 +66,11 @@ def run_accessor(
     forget_profile: Path,
     retain_profile: Path,
     out: Path,
-    *,
-    batch_size: int = 1,
-    save_batches: bool = False,
-    force: bool = False,
+    options: AccessorOptions,
 ) -> AccessorResult:
-    if batch_size < 1:
-        raise KvwError(f"--batch-size must be at least 1, got {batch_size}")
-    check_output_file(out, force=force)
+    """Exposure of every knowledge vector from two profiles, written to ``out``."""
+    batch_size, save_batches = options.batch_size, options.save_batches
+    check_output_file(out, force=options.force)
     forget, retain = load_profiles(forget_profile, retain_profile)
     counts = forget.tensors["count"]  # (samples,)
     batches = batch_ranges(counts.numel(), batch_size)

@@ -28,15 +28,17 @@ from kvwctl.checkpoint import (
     MANIFEST_FILE,
     Checkpoint,
     ModelSource,
+    ModelSpec,
     carry_over_files,
     copy_patched_shard,
     open_checkpoint,
     resolve_model,
 )
 from kvwctl.console import NullTracker, Tracker
-from kvwctl.errors import ArtifactError, KvwError
+from kvwctl.errors import ArtifactError
 from kvwctl.files import check_output_dir, file_sha256, now, staged_output_dir, write_json_atomically
 from kvwctl.method import gates, parse_layers, scale_vectors, tensor_bytes
+from kvwctl.options import ApplyOptions
 
 if TYPE_CHECKING:
     import torch
@@ -172,33 +174,19 @@ def write_weakened_checkpoint(
     return ApplyResult(path=out, manifest=manifest)
 
 
-def check_gamma(gamma: float) -> None:
-    if not gamma >= 0:  # also rejects NaN
-        raise KvwError(f"--gamma must be a non-negative number, got {gamma}")
-
-
 # --- one-shot ------------------------------------------------------------------------------------
 
 
 def run_apply(
-    model: str,
-    accessor: Path,
-    out: Path,
-    *,
-    gamma: float,
-    layers: str,
-    revision: str | None = None,
-    device: str = "auto",
-    force: bool = False,
-    tracker: Tracker | None = None,
+    model: ModelSpec, accessor: Path, out: Path, options: ApplyOptions, *, tracker: Tracker | None = None
 ) -> ApplyResult:
+    """One-shot: scale ``model``'s knowledge vectors by the exposure in ``accessor``; write ``out``."""
     from kvwctl.modeling import select_device
 
-    check_gamma(gamma)
-    source = resolve_model(model, revision)
-    check_output_dir(out, inputs=[source.path], force=force)
+    source = resolve_model(model.reference, model.revision)
+    check_output_dir(out, inputs=[source.path], force=options.force)
     checkpoint = open_checkpoint(source)
-    selected = parse_layers(layers, checkpoint.num_layers)
+    selected = parse_layers(options.layers, checkpoint.num_layers)
     artifact = read_artifact(accessor, ACCESSOR_FORMAT)
     fingerprint = checkpoint.fingerprint()
     check_fits_model(artifact, checkpoint, fingerprint)
@@ -223,11 +211,11 @@ def run_apply(
     return write_weakened_checkpoint(
         checkpoint,
         exposures,
-        gamma=gamma,
+        gamma=options.gamma,
         layers=selected,
         out=out,
-        force=force,
-        device=select_device(device),
+        force=options.force,
+        device=select_device(options.device),
         input_fingerprint=fingerprint,
         provenance=provenance,
         tracker=tracker or NullTracker(),

@@ -43,6 +43,14 @@ FOREIGN_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msg
 
 
 @dataclass(frozen=True)
+class ModelSpec:
+    """A model as the user names it: a local directory or Hub id, and a revision for Hub ids."""
+
+    reference: str
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
 class ModelSource:
     """Where a checkpoint came from: the user's reference and the resolved revision."""
 
@@ -66,7 +74,24 @@ def resolve_model(reference: str, revision: str | None = None) -> ModelSource:
         return ModelSource(path=local.resolve(), reference=reference, revision=None)
     if local.exists():
         raise ModelError(f"{reference} is a file; a model is a checkpoint directory or a Hub id")
+    if _names_a_local_path(reference):
+        raise ModelError(
+            f"model directory {reference} does not exist",
+            hint="check the path (a Hub id has the form owner/name and names no local directory)",
+        )
     return _resolve_hub(reference, revision)
+
+
+def _names_a_local_path(reference: str) -> bool:
+    """Whether ``reference`` can only be meant as a local path, never as a Hub id (``owner/name``).
+
+    Absolute, ``./``, ``../`` and ``~`` paths, a trailing slash, more than one ``/``, or a first
+    component that is an existing directory (``kvw-run/unlearned``).
+    """
+    if reference.startswith(("/", "./", "../", "~", ".\\")) or reference.endswith(("/", "\\")):
+        return True
+    parts = reference.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
 
 
 def _resolve_hub(repo_id: str, revision: str | None) -> ModelSource:

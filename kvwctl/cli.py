@@ -1,4 +1,4 @@
-"""The ``kvwctl`` command line: parse options, merge them with ``kvw.toml``, call a stage.
+"""The ``kvwctl`` command line: parse flags, fill a stage's options, call the stage, print.
 
     kvwctl profile --split retain        # inputs from kvw.toml in the working directory
     kvwctl profile --split forget
@@ -6,11 +6,13 @@
     kvwctl apply --gamma 0.02 --layers 2:26
     kvwctl eval --require 'forget.keyword_acc <= 0.1' --require 'retain.keyword_acc >= 0.95*baseline'
 
-stdout carries only results (the output path, or JSON with ``--json``); messages, tables and
-progress bars go to stderr. Exit codes: 0 success, 1 bad input or failed check (``Error: …`` and
-a hint, no traceback unless ``--debug``), 2 usage error, 130 interrupted. Nothing ever prompts.
-This is the only module that imports typer; torch is imported only inside command bodies (through
-the stage modules' functions), so ``kvwctl --help`` is instant.
+Option values come from the flag, else ``KVW_<KEY>``, else kvw.toml, else the default that the
+stage's options dataclass declares (``kvwctl.options``); help texts show those defaults. stdout
+carries only results (the output path, or JSON with ``--json``); messages, tables and progress
+bars go to stderr. Exit codes follow the one rule in ``kvwctl.errors`` (0, 1 bad input or failed
+check, 2 usage, 130 interrupted), applied in the single catch site below. Nothing ever prompts.
+This is the only module that imports typer; torch is imported only inside command bodies
+(through the stages), so ``kvwctl --help`` is instant.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.table import Table
 
 from kvwctl import __version__, console
 from kvwctl.config import ProjectConfig, load_config, require
-from kvwctl.errors import KvwError, UsageError
+from kvwctl.errors import EXIT_INTERRUPTED, UsageError, exit_code_for
+from kvwctl.options import AccessorOptions, ApplyOptions, EvalOptions, ProfileOptions, fill, help_text
 
 app = typer.Typer(
     name="kvwctl",
@@ -39,6 +41,12 @@ app = typer.Typer(
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+def _option(cls: type, name: str, *flags: str) -> Any:
+    """A typer option whose help (with its default) comes from the stage's options dataclass."""
+    return typer.Option(*(flags or ("--" + name.replace("_", "-"),)), help=help_text(cls, name))
+
+
 # --- shared options ------------------------------------------------------------------------------
 
 ConfigOption = Annotated[
@@ -50,32 +58,19 @@ ModelOption = Annotated[
 RevisionOption = Annotated[
     str | None, typer.Option("--revision", help="Hub branch, tag or commit [kvw.toml: revision]")
 ]
-DeviceOption = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N [default: auto]")]
-DtypeOption = Annotated[
-    str | None,
-    typer.Option(
-        "--dtype", help="auto, float32, bfloat16 or float16 [default: auto: stored dtype on GPU, float32 on CPU]"
-    ),
-]
 ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of the output path.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
-PositionsOption = Annotated[
-    str | None,
-    typer.Option(
-        "--positions",
-        help="Profiled positions: answer (predicting answer tokens), answer-tokens or all [default: answer]",
-    ),
-]
 
 
 def command(name: str | None = None) -> Callable[[F], F]:
     """Register a command (named after the function unless ``name`` is given) and give it the
     single error-handling site of the CLI.
 
-    ``KvwError`` becomes ``Error: …`` plus its hint on stderr and the error's exit code;
-    Ctrl-C exits 130. With ``--debug`` the exception propagates with its traceback.
+    An error with an exit code (``errors.exit_code_for``) becomes ``Error: …`` plus its hint on
+    stderr, printed as plain text; an interrupt exits 130. With ``--debug`` the exception
+    propagates with its traceback; an exception without an exit code is a bug and always does.
     """
     return functools.partial(_register, name=name)
 
@@ -87,17 +82,17 @@ def _register(function: F, *, name: str | None) -> F:
         console.set_library_output(bool(kwargs.get("debug")))
         try:
             return function(*args, **kwargs)
-        except KvwError as error:
-            if kwargs.get("debug"):
+        except typer.Exit:
+            raise
+        except BaseException as error:
+            code = exit_code_for(error)
+            if code is None or kwargs.get("debug"):
                 raise
-            stderr = console.stderr_console()
-            stderr.print(f"[bold red]Error:[/] {error.message}", markup=True, highlight=False, soft_wrap=True)
-            if error.hint:
-                stderr.print(f"Hint: {error.hint}", markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(error.exit_code) from None
-        except KeyboardInterrupt:
-            console.stderr_console().print("Interrupted.")
-            raise typer.Exit(130) from None
+            if code == EXIT_INTERRUPTED:
+                console.error("Interrupted.", label="")
+            else:
+                console.error(getattr(error, "message", str(error)), hint=getattr(error, "hint", None))
+            raise typer.Exit(code) from None
 
     app.command(name=name)(wrapper)
     return function
@@ -112,11 +107,9 @@ def _emit(path: Path, summary: dict[str, Any], as_json: bool) -> None:
 
 
 def _show_inputs(title: str, values: dict[str, Any]) -> None:
-    table = Table(title=title, show_header=False, title_justify="left", box=None, pad_edge=False)
-    for key, value in values.items():
-        if value is not None:
-            table.add_row(f"  {key}", str(value))
-    console.show(table)
+    from kvwctl.tables import inputs_table
+
+    console.show(inputs_table(title, values))
 
 
 def _revision(flag: str | None, model: str, project: ProjectConfig) -> str | None:
@@ -124,10 +117,26 @@ def _revision(flag: str | None, model: str, project: ProjectConfig) -> str | Non
     return flag or (project.revision if model == project.model else None)
 
 
-def _default(value: Any, config_value: Any, fallback: Any) -> Any:
-    if value is not None:
-        return value
-    return config_value if config_value is not None else fallback
+def _model(flag: str | None, revision: str | None, project: ProjectConfig) -> Any:
+    from kvwctl.checkpoint import ModelSpec
+
+    reference = require(flag or project.model, flag="--model", key="model")
+    return ModelSpec(reference, _revision(revision, reference, project))
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Make a (vision-)language model forget chosen data without training: Knowledge Vector Weakening."""
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -135,19 +144,17 @@ def _default(value: Any, config_value: Any, fallback: Any) -> Any:
 
 @command()
 def profile(
-    split: Annotated[str, typer.Option("--split", help="retain (pooled sums) or forget (per-sample sums)")],
+    split: Annotated[str, _option(ProfileOptions, "split")],
     model: ModelOption = None,
     revision: RevisionOption = None,
     data: Annotated[Path | None, typer.Option("--data", help="JSON Lines samples [kvw.toml: splits.<split>]")] = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="Output file [default: <workdir>/profile-<split>.safetensors]")
     ] = None,
-    positions: PositionsOption = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Samples per forward pass [default: 8]")
-    ] = None,
-    device: DeviceOption = None,
-    dtype: DtypeOption = None,
+    positions: Annotated[str | None, _option(ProfileOptions, "positions")] = None,
+    batch_size: Annotated[int | None, _option(ProfileOptions, "batch_size")] = None,
+    device: Annotated[str | None, _option(ProfileOptions, "device")] = None,
+    dtype: Annotated[str | None, _option(ProfileOptions, "dtype")] = None,
     force: ForceOption = False,
     config: ConfigOption = None,
     json_output: JsonOption = False,
@@ -158,35 +165,31 @@ def profile(
     from kvwctl.profile import run_profile
 
     project = load_config(config)
-    model = require(model or project.model, flag="--model", key="model")
-    data = require(data or project.split(split), flag="--data", key=f"splits.{split}")
-    out = out or project.workdir / f"profile-{split}.safetensors"
-    settings = dict(
-        split=split,
-        revision=_revision(revision, model, project),
-        positions=_default(positions, project.positions, "answer"),
-        batch_size=_default(batch_size, project.batch_size, 8),
-        device=_default(device, project.device, "auto"),
-        dtype=_default(dtype, project.dtype, "auto"),
+    options = fill(
+        ProfileOptions,
+        dict(split=split, positions=positions, batch_size=batch_size, device=device, dtype=dtype, force=force),
+        project,
     )
-    _show_inputs("profile", {"model": model, "data": data, "out": out, **settings})
+    spec = _model(model, revision, project)
+    data = require(data or project.split(options.split), flag="--data", key=f"splits.{options.split}")
+    out = out or project.workdir / f"profile-{options.split}.safetensors"
+    _show_inputs(
+        "profile", {"model": spec.reference, "data": data, "out": out, "revision": spec.revision, **vars(options)}
+    )
     with console.progress_tracker() as tracker:
-        result = run_profile(model, data, out, force=force, tracker=tracker, **settings)
+        result = run_profile(spec, data, out, options, tracker=tracker)
     console.info(
         f"Profiled {result.num_samples} samples, {result.num_positions} positions, {result.num_layers} layers "
         f"-> {result.path}"
     )
-    _emit(
-        result.path,
-        {
-            "split": split,
-            "samples": result.num_samples,
-            "positions": result.num_positions,
-            "layers": result.num_layers,
-            "model_fingerprint": result.fingerprint,
-        },
-        json_output,
-    )
+    summary = {
+        "split": result.split,
+        "samples": result.num_samples,
+        "positions": result.num_positions,
+        "layers": result.num_layers,
+        "model_fingerprint": result.fingerprint,
+    }
+    _emit(result.path, summary, json_output)
 
 
 @command()
@@ -200,10 +203,8 @@ def accessor(
     out: Annotated[
         Path | None, typer.Option("--out", help="Output file [default: <workdir>/accessor.safetensors]")
     ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Forget samples per accessor batch [default: 1, as the paper]")
-    ] = None,
-    save_batches: Annotated[bool, typer.Option("--save-batches", help="Also store every batch's A_b.")] = False,
+    batch_size: Annotated[int | None, _option(AccessorOptions, "batch_size")] = None,
+    save_batches: Annotated[bool, _option(AccessorOptions, "save_batches")] = False,
     force: ForceOption = False,
     config: ConfigOption = None,
     json_output: JsonOption = False,
@@ -212,37 +213,22 @@ def accessor(
 ) -> None:
     """Forget exposure E = sum over forget batches of max(0, log C_f - log C_r)."""
     from kvwctl.accessor import run_accessor
+    from kvwctl.tables import accessor_table
 
     project = load_config(config)
+    options = fill(AccessorOptions, dict(batch_size=batch_size, save_batches=save_batches, force=force), project)
     forget = forget or project.workdir / "profile-forget.safetensors"
     retain = retain or project.workdir / "profile-retain.safetensors"
     out = out or project.workdir / "accessor.safetensors"
-    batch_size = _default(batch_size, project.forget_batch_size, 1)
-    _show_inputs("accessor", {"forget": forget, "retain": retain, "out": out, "batch_size": batch_size})
-    result = run_accessor(forget, retain, out, batch_size=batch_size, save_batches=save_batches, force=force)
-    table = Table(
-        title=f"exposure over {result.num_batches} forget batches of {result.batch_size}", title_justify="left"
-    )
-    for column in ("layer", "vectors", "A > 0", "max E", "mean E"):
-        table.add_column(column, justify="right")
-    for summary in result.layers:
-        table.add_row(
-            str(summary.layer),
-            str(summary.vectors),
-            f"{summary.exposed} ({summary.exposed / summary.vectors:.0%})",
-            f"{summary.max_exposure:.4g}",
-            f"{summary.mean_exposure:.4g}",
-        )
-    console.show(table)
-    _emit(
-        result.path,
-        {
-            "batches": result.num_batches,
-            "batch_size": result.batch_size,
-            "layers": [vars(summary) for summary in result.layers],
-        },
-        json_output,
-    )
+    _show_inputs("accessor", {"forget": forget, "retain": retain, "out": out, "batch_size": options.batch_size})
+    result = run_accessor(forget, retain, out, options)
+    console.show(accessor_table(result))
+    summary = {
+        "batches": result.num_batches,
+        "batch_size": result.batch_size,
+        "layers": [vars(layer) for layer in result.layers],
+    }
+    _emit(result.path, summary, json_output)
 
 
 @command()
@@ -252,19 +238,12 @@ def apply(
     accessor_path: Annotated[
         Path | None, typer.Option("--accessor", help="Accessor file [default: <workdir>/accessor.safetensors]")
     ] = None,
-    gamma: Annotated[
-        float | None, typer.Option("--gamma", help="Weakening strength [kvw.toml: gamma; default: 0.02]")
-    ] = None,
-    layers: Annotated[
-        str | None,
-        typer.Option("--layers", help="Decoder layers, inclusive and 0-based: 2:26, :26, 2:, 0,3,5 [default: all]"),
-    ] = None,
+    gamma: Annotated[float | None, _option(ApplyOptions, "gamma")] = None,
+    layers: Annotated[str | None, _option(ApplyOptions, "layers")] = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="Output checkpoint directory [default: <workdir>/unlearned]")
     ] = None,
-    progressive: Annotated[
-        bool, typer.Option("--progressive", help="Algorithm 1: re-profile the weakened model after every forget batch.")
-    ] = False,
+    progressive: Annotated[bool, _option(ApplyOptions, "progressive")] = False,
     forget_data: Annotated[
         Path | None, typer.Option("--forget-data", help="Forget samples, for --progressive [kvw.toml: splits.forget]")
     ] = None,
@@ -274,9 +253,7 @@ def apply(
             "--retain", help="Retain profile, for --progressive [default: <workdir>/profile-retain.safetensors]"
         ),
     ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Forget samples per batch, for --progressive [default: 1]")
-    ] = None,
+    batch_size: Annotated[int | None, _option(ApplyOptions, "batch_size")] = None,
     exposure_out: Annotated[
         Path | None,
         typer.Option(
@@ -284,8 +261,8 @@ def apply(
             help="Where --progressive writes the exposure it applied [default: <out>.exposure.safetensors]",
         ),
     ] = None,
-    device: DeviceOption = None,
-    dtype: DtypeOption = None,
+    device: Annotated[str | None, _option(ApplyOptions, "device")] = None,
+    dtype: Annotated[str | None, _option(ApplyOptions, "dtype")] = None,
     force: ForceOption = False,
     config: ConfigOption = None,
     json_output: JsonOption = False,
@@ -293,80 +270,51 @@ def apply(
     debug: DebugOption = False,
 ) -> None:
     """Write a new checkpoint with knowledge vectors scaled by exp(-gamma * E)."""
-    from kvwctl.apply import run_apply
-    from kvwctl.progressive import run_progressive
+    from kvwctl.tables import apply_table
 
     project = load_config(config)
-    model = require(model or project.model, flag="--model", key="model")
-    revision = _revision(revision, model, project)
-    gamma = _default(gamma, project.gamma, 0.02)
-    layers = _default(layers, project.layers, ":")
-    out = out or project.workdir / "unlearned"
-    device = _default(device, project.device, "auto")
-    if progressive:
-        if accessor_path is not None:
-            raise typer.BadParameter("--accessor does not apply with --progressive", param_hint="--accessor")
-        forget_data = require(forget_data or project.split("forget"), flag="--forget-data", key="splits.forget")
-        retain = retain or project.workdir / "profile-retain.safetensors"
-        settings: dict[str, Any] = dict(
-            gamma=gamma,
-            layers=layers,
-            revision=revision,
-            batch_size=_default(batch_size, project.forget_batch_size, 1),
-            device=device,
-            dtype=_default(dtype, project.dtype, "auto"),
-        )
-        _show_inputs(
-            "apply --progressive",
-            {"model": model, "forget_data": forget_data, "retain": retain, "out": out, **settings},
-        )
-        with console.progress_tracker() as tracker:
-            result = run_progressive(
-                model, forget_data, retain, out, force=force, exposure_out=exposure_out, tracker=tracker, **settings
-            )
-    else:
-        for flag, value in (
+    contradictions = (
+        [("--accessor", accessor_path)]
+        if progressive
+        else [
             ("--forget-data", forget_data),
             ("--retain", retain),
             ("--batch-size", batch_size),
             ("--exposure-out", exposure_out),
             ("--dtype", dtype),
-        ):
-            if value is not None:
-                raise typer.BadParameter(f"{flag} applies to --progressive only", param_hint=flag)
-        accessor_path = accessor_path or project.workdir / "accessor.safetensors"
-        _show_inputs(
-            "apply",
-            {
-                "model": model,
-                "accessor": accessor_path,
-                "out": out,
-                "gamma": gamma,
-                "layers": layers,
-                "revision": revision,
-                "device": device,
-            },
-        )
+        ]
+    )
+    for flag, value in contradictions:
+        if value is not None:
+            applies = "does not apply with --progressive" if progressive else "applies to --progressive only"
+            raise UsageError(f"{flag} {applies}")
+    flags = dict(gamma=gamma, layers=layers, progressive=progressive, batch_size=batch_size, device=device)
+    options = fill(ApplyOptions, {**flags, "dtype": dtype, "force": force}, project)
+    spec = _model(model, revision, project)
+    out = out or project.workdir / "unlearned"
+    common = {"model": spec.reference, "out": out, "revision": spec.revision, "gamma": options.gamma}
+    common |= {"layers": options.layers, "device": options.device}
+    if options.progressive:
+        from kvwctl.progressive import run_progressive
+
+        forget_data = require(forget_data or project.split("forget"), flag="--forget-data", key="splits.forget")
+        retain = retain or project.workdir / "profile-retain.safetensors"
+        extra = {"batch_size": options.batch_size, "dtype": options.dtype}
+        _show_inputs("apply --progressive", {"forget_data": forget_data, "retain": retain, **common, **extra})
         with console.progress_tracker() as tracker:
-            result = run_apply(
-                model,
-                accessor_path,
-                out,
-                gamma=gamma,
-                layers=layers,
-                revision=revision,
-                device=device,
-                force=force,
-                tracker=tracker,
+            result = run_progressive(
+                spec, forget_data, retain, out, options, exposure_out=exposure_out, tracker=tracker
             )
+    else:
+        from kvwctl.apply import run_apply
+
+        accessor_path = accessor_path or project.workdir / "accessor.safetensors"
+        _show_inputs("apply", {"accessor": accessor_path, **common})
+        with console.progress_tracker() as tracker:
+            result = run_apply(spec, accessor_path, out, options, tracker=tracker)
     manifest = result.manifest
     console.info(f"Layers edited: {manifest.layers}")
-    table = Table(title=f"gamma = {gamma}", title_justify="left")
-    for column in ("layer", "vectors", "scaled", "min gate", "mean gate"):
-        table.add_column(column, justify="right")
-    for layer, edit in manifest.per_layer.items():
-        table.add_row(str(layer), str(edit.vectors), str(edit.scaled), f"{edit.min_gate:.4g}", f"{edit.mean_gate:.6f}")
-    console.show(table)
+    console.show(apply_table(options.gamma, manifest.per_layer))
     console.info(f"Wrote {result.path}")
     _emit(result.path, {"manifest": manifest.to_json()}, json_output)
 
@@ -399,8 +347,7 @@ def evaluate(
         str | None,
         typer.Option(
             "--baseline",
-            help="The model before unlearning, for ratios and requirements "
-            "[default with kvw.toml and no --model: model]",
+            help="The model before unlearning, for ratios and requirements [default with kvw.toml and no --model: model]",
         ),
     ] = None,
     reference: Annotated[
@@ -419,22 +366,11 @@ def evaluate(
         Path | None,
         typer.Option("--samples-out", help="Per-sample JSON Lines [default: the report path with .samples.jsonl]"),
     ] = None,
-    require: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--require",
-            help="A requirement: SPLIT.METRIC OP EXPR, e.g. 'forget.keyword_acc <= 0.1' or "
-            "'retain.keyword_acc >= 0.95*baseline'; repeatable; exit 1 if one fails",
-        ),
-    ] = None,
-    max_new_tokens: Annotated[
-        int | None, typer.Option("--max-new-tokens", help="Generated tokens per sample [kvw.toml; default: 32]")
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Samples per batch [kvw.toml; default: 8]")
-    ] = None,
-    device: DeviceOption = None,
-    dtype: DtypeOption = None,
+    require_: Annotated[list[str] | None, _option(EvalOptions, "require", "--require")] = None,
+    max_new_tokens: Annotated[int | None, _option(EvalOptions, "max_new_tokens")] = None,
+    batch_size: Annotated[int | None, _option(EvalOptions, "batch_size")] = None,
+    device: Annotated[str | None, _option(EvalOptions, "device")] = None,
+    dtype: Annotated[str | None, _option(EvalOptions, "dtype")] = None,
     force: ForceOption = False,
     config: ConfigOption = None,
     json_output: JsonOption = False,
@@ -442,10 +378,14 @@ def evaluate(
     debug: DebugOption = False,
 ) -> None:
     """Generation and likelihood metrics of a model (and a baseline) on data splits, with requirements."""
-    from kvwctl.evaluate import ModelSpec, run_eval
+    from kvwctl.checkpoint import ModelSpec
+    from kvwctl.errors import KvwError
+    from kvwctl.evaluate import run_eval
     from kvwctl.tables import eval_table
 
     project = load_config(config)
+    flags = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype, force=force)
+    options = fill(EvalOptions, {**flags, "require": tuple(require_) if require_ else None}, project)
     if model is None and project.source is not None:
         model = str(project.workdir / "unlearned")
         if not Path(model).is_dir():
@@ -459,39 +399,19 @@ def evaluate(
             "missing --model", hint="pass --model; with a kvw.toml, eval defaults to <workdir>/unlearned (from apply)"
         )
     models = {"model": ModelSpec(model, _revision(revision, model, project))}
-    for role, reference_name in (("baseline", baseline), ("reference", reference)):
-        if reference_name is not None:
-            models[role] = ModelSpec(reference_name, _revision(None, reference_name, project))
+    for role, name in (("baseline", baseline), ("reference", reference)):
+        if name is not None:
+            models[role] = ModelSpec(name, _revision(None, name, project))
     splits = _parse_data_options(data) if data else dict(project.splits)
     if not splits:
         raise UsageError("missing --data", hint="pass --data NAME=FILE (repeatable) or set [splits] in kvw.toml")
     out = out or (project.workdir / "eval.json" if project.source is not None else Path("eval.json"))
-    settings = dict(
-        max_new_tokens=_default(max_new_tokens, project.max_new_tokens, 32),
-        batch_size=_default(batch_size, project.batch_size, 8),
-        device=_default(device, project.device, "auto"),
-        dtype=_default(dtype, project.dtype, "auto"),
-    )
-    _show_inputs(
-        "eval",
-        {
-            **{role: spec.reference for role, spec in models.items()},
-            **{f"data {name}": path for name, path in splits.items()},
-            "out": out,
-            **settings,
-        },
-    )
+    shown = {role: spec.reference for role, spec in models.items()}
+    shown |= {f"data {name}": path for name, path in splits.items()}
+    settings = {key: value for key, value in vars(options).items() if key not in ("require", "force")}
+    _show_inputs("eval", {**shown, "out": out, **settings})
     with console.progress_tracker() as tracker:
-        result = run_eval(
-            models,
-            splits,
-            out,
-            samples_out=samples_out,
-            requirements=require or [],
-            force=force,
-            tracker=tracker,
-            **settings,
-        )
+        result = run_eval(models, splits, out, options, samples_out=samples_out, tracker=tracker)
     console.show(eval_table(result.report))
     for outcome in result.report.requirements:
         console.info(f"requirement {outcome.describe()}")

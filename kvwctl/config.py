@@ -1,19 +1,21 @@
-"""``kvw.toml`` and the merging of its values with command-line flags.
+"""``kvw.toml``: the project file every command reads its defaults from.
 
-Every command reads its defaults from ``kvw.toml`` in the working directory (or ``--config PATH``)
-and every flag overrides the file. Paths in the file are relative to the file itself::
+Every command reads ``kvw.toml`` in the working directory (or ``--config PATH``); flags and
+``KVW_*`` variables override it (``kvwctl.options`` has the precedence rule). Paths in the file
+are relative to the file itself::
 
     model = "llava-hf/llava-1.5-7b-hf"   # Hub id or local directory
     revision = "main"
     workdir = "kvw-run"                  # where stage files go by default
-    gamma = 0.02
+    gamma = 0.02                         # any option key: gamma, layers, batch_size, ...
     layers = "2:26"
 
     [splits]
     forget = "data/forget.jsonl"
     retain = "data/retain.jsonl"
 
-Unknown keys are an error (a typo must not silently fall back to a default).
+Unknown keys are an error (a typo must not silently fall back to a default), and so is a value of
+the wrong type or out of range: the file is checked whole when it is read, whatever the command.
 """
 
 from __future__ import annotations
@@ -28,39 +30,28 @@ from kvwctl.errors import KvwError, UsageError
 CONFIG_FILE_NAME = "kvw.toml"
 DEFAULT_WORKDIR = "kvw-run"
 
-# key -> (accepted Python types, description used in error messages)
-_SCALAR_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
-    "model": ((str,), "a Hub id or a local directory"),
-    "revision": ((str,), "a branch, tag or commit"),
-    "workdir": ((str,), "a directory path"),
-    "gamma": ((int, float), "a number"),
-    "layers": ((str,), 'a layer selection such as "2:26"'),
-    "batch_size": ((int,), "a positive integer"),
-    "forget_batch_size": ((int,), "a positive integer"),
-    "device": ((str,), '"auto", "cpu", "cuda" or "cuda:N"'),
-    "dtype": ((str,), '"auto", "float32", "bfloat16" or "float16"'),
-    "positions": ((str,), '"answer", "answer-tokens" or "all"'),
-    "max_new_tokens": ((int,), "a positive integer"),
+# The project keys; every other key is an option's (kvwctl.options.config_keys).
+_PROJECT_KEYS = {
+    "model": "a Hub id or a local directory",
+    "revision": "a branch, tag or commit",
+    "workdir": "a directory path",
 }
 
 
 @dataclass(frozen=True)
 class ProjectConfig:
-    """The values of a ``kvw.toml`` (all optional), with paths made absolute."""
+    """The values of a ``kvw.toml`` (all optional), with paths made absolute.
+
+    ``values`` holds the option keys that the file sets (``gamma``, ``batch_size``, ...), already
+    checked against the options' types and ranges.
+    """
 
     source: Path | None = None
     model: str | None = None
     revision: str | None = None
     workdir: Path = field(default_factory=lambda: Path(DEFAULT_WORKDIR))
     splits: dict[str, Path] = field(default_factory=dict)
-    gamma: float | None = None
-    layers: str | None = None
-    batch_size: int | None = None
-    forget_batch_size: int | None = None
-    device: str | None = None
-    dtype: str | None = None
-    positions: str | None = None
-    max_new_tokens: int | None = None
+    values: dict[str, Any] = field(default_factory=dict)
 
     def split(self, name: str) -> Path | None:
         return self.splits.get(name)
@@ -75,45 +66,49 @@ def load_config(path: Path | None, *, cwd: Path | None = None) -> ProjectConfig:
             return ProjectConfig(workdir=cwd / DEFAULT_WORKDIR)
         path = candidate
     elif not path.is_file():
-        raise KvwError(f"config file {path} does not exist", hint="check the --config path")
+        raise UsageError(f"config file {path} does not exist", hint="check the --config path")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise KvwError(f"{path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as error:
         raise KvwError(f"{path}: invalid TOML: {error}") from None
     return _parse(raw, path.resolve())
 
 
 def _parse(raw: dict[str, Any], source: Path) -> ProjectConfig:
+    from kvwctl.options import check_config_value, config_keys
+
     base = source.parent
+    option_keys = config_keys()
+    project: dict[str, Any] = {}
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key == "splits":
-            values["splits"] = _parse_splits(value, source)
-            continue
-        if key not in _SCALAR_KEYS:
-            allowed = ", ".join(sorted([*_SCALAR_KEYS, "splits"]))
+            project["splits"] = _parse_splits(value, source)
+        elif key in _PROJECT_KEYS:
+            if not isinstance(value, str):
+                raise KvwError(f"{source}: {key} must be {_PROJECT_KEYS[key]}, got {value!r}")
+            project[key] = value
+        elif key in option_keys:
+            problem = check_config_value(key, value)
+            if problem is not None:
+                raise KvwError(f"{source}: {key} {problem}")
+            values[key] = float(value) if option_keys[key][0] is float else value
+        else:
+            allowed = ", ".join(sorted([*_PROJECT_KEYS, *option_keys, "splits"]))
             raise KvwError(f"{source}: unknown key {key!r}", hint=f"known keys: {allowed}")
-        types, description = _SCALAR_KEYS[key]
-        # bool is an int in Python; a boolean is never a valid value here.
-        if isinstance(value, bool) or not isinstance(value, types):
-            raise KvwError(f"{source}: {key} must be {description}, got {value!r}")
-        values[key] = value
-    for key in ("batch_size", "forget_batch_size", "max_new_tokens"):
-        if key in values and values[key] < 1:
-            raise KvwError(f"{source}: {key} must be a positive integer, got {values[key]}")
-    if "gamma" in values:
-        values["gamma"] = float(values["gamma"])
-    model = values.get("model")
+    model = project.get("model")
     if model is not None and (base / model).is_dir():
         # A local checkpoint named relative to the config file.
-        values["model"] = str((base / model).resolve())
-    values["workdir"] = base / values.get("workdir", DEFAULT_WORKDIR)
-    return ProjectConfig(source=source, **values)
+        project["model"] = str((base / model).resolve())
+    project["workdir"] = base / project.get("workdir", DEFAULT_WORKDIR)
+    return ProjectConfig(source=source, values=values, **project)
 
 
 def _parse_splits(value: Any, source: Path) -> dict[str, Path]:
     if not isinstance(value, dict):
-        raise KvwError(f"{source}: [splits] must be a table of name = path")
+        raise KvwError(f"{source}: [splits] must be a table of name = path, got {value!r}")
     splits = {}
     for name, path in value.items():
         if not isinstance(path, str):

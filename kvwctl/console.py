@@ -42,6 +42,21 @@ def info(message: str) -> None:
         stderr_console().print(message)
 
 
+def error(message: str, *, hint: str | None = None, label: str = "Error:") -> None:
+    """An error and its hint on stderr, shown even with ``--quiet``.
+
+    Printed as plain text, never parsed as Rich markup: messages hold paths and TOML names such
+    as ``[splits]`` that markup would swallow (or fail on, for ``[/]``).
+    """
+    from rich.text import Text
+
+    stderr = stderr_console()
+    line = Text.assemble((label, "bold red"), " ", message) if label else Text(message)
+    stderr.print(line, soft_wrap=True, highlight=False)
+    if hint:
+        stderr.print(Text(f"Hint: {hint}"), soft_wrap=True, highlight=False)
+
+
 def show(renderable: object) -> None:
     """A Rich table or other renderable on stderr (silenced by ``--quiet``)."""
     if not _quiet:

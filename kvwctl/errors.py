@@ -1,19 +1,36 @@
-"""The user errors of kvwctl: the one place where they are defined.
+"""The user errors of kvwctl and the one rule for exit codes.
 
-Stage modules raise these; ``kvwctl.cli`` catches ``KvwError`` in a single place and prints
-``Error: <message>`` plus the hint, then exits with ``exit_code`` (no traceback unless ``--debug``).
+Stage modules raise these; ``kvwctl.cli`` catches them in a single place and prints
+``Error: <message>`` plus the hint as plain text (never as Rich markup: a message may contain
+``[splits]`` or a path with brackets), then exits with ``exit_code_for(error)``. No traceback is
+shown unless ``--debug``.
+
+The rule, followed by every command:
+
+====  =====================================================================================
+code  meaning
+====  =====================================================================================
+0     success
+1     bad input file or failed check: a data file, kvw.toml, a stage file or a checkpoint
+      that is malformed or does not fit, a failed ``--require``, an existing output
+2     usage: a malformed or out-of-range option value (flag or ``KVW_*`` variable), an
+      unknown choice, a missing required input, options that contradict each other
+130   interrupted (Ctrl-C), also when the interrupt arrives wrapped in another exception
+====  =====================================================================================
 """
 
 from __future__ import annotations
 
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
 
 class KvwError(Exception):
-    """A problem with the user's input or environment that they can fix.
+    """A problem with the user's input or environment that they can fix (exit 1)."""
 
-    ``exit_code`` is 1 for bad input or a failed check and 2 for usage errors (DESIGN §3).
-    """
-
-    exit_code = 1
+    exit_code = EXIT_FAILURE
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -22,9 +39,10 @@ class KvwError(Exception):
 
 
 class UsageError(KvwError):
-    """A required input was not given by flag or by ``kvw.toml``, or options contradict."""
+    """A malformed or out-of-range option value, an unknown choice, a missing required input,
+    or options that contradict each other (exit 2)."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class DataError(KvwError):
@@ -37,3 +55,28 @@ class ModelError(KvwError):
 
 class ArtifactError(KvwError):
     """A stage file (profile, accessor) has the wrong format, shapes or model fingerprint."""
+
+
+def interrupted(error: BaseException) -> bool:
+    """Whether ``error`` is a ``KeyboardInterrupt`` or was raised while handling one.
+
+    Libraries sometimes catch an interrupt and raise their own error from it (or while it is
+    being handled), so the ``__cause__`` / ``__context__`` chain is searched as well.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def exit_code_for(error: BaseException) -> int | None:
+    """The exit code for an exception that reached the command line; None for a bug (traceback)."""
+    if interrupted(error):
+        return EXIT_INTERRUPTED
+    if isinstance(error, KvwError):
+        return error.exit_code
+    return None

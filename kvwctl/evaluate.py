@@ -24,11 +24,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvwctl.checkpoint import Checkpoint, open_checkpoint, resolve_model
+from kvwctl.checkpoint import Checkpoint, ModelSpec, open_checkpoint, resolve_model
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.conversation import RenderedSample
 from kvwctl.data import Sample, load_samples
-from kvwctl.errors import DataError, KvwError, UsageError
+from kvwctl.errors import DataError, UsageError
 from kvwctl.files import atomic_file, check_output_file, file_sha256, write_json_atomically
 from kvwctl.metrics import (
     METRICS,
@@ -40,7 +40,8 @@ from kvwctl.metrics import (
     sample_metrics,
     summarize,
 )
-from kvwctl.modeling import DTYPES, LoadedModel, encode_batch, encode_prompts, load_model, select_device, select_dtype
+from kvwctl.modeling import LoadedModel, encode_batch, encode_prompts, load_model, select_device, select_dtype
+from kvwctl.options import EvalOptions
 from kvwctl.report import EvalReport, EvalSettings, ModelInfo, SplitInfo
 from kvwctl.requirements import (
     RequirementOutcome,
@@ -217,12 +218,6 @@ def _release_memory(device: torch.device) -> None:
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    reference: str
-    revision: str | None = None
-
-
-@dataclass(frozen=True)
 class EvalResult:
     path: Path
     samples_path: Path
@@ -242,14 +237,9 @@ def run_eval(
     models: dict[str, ModelSpec],
     splits: dict[str, Path],
     out: Path,
+    options: EvalOptions,
     *,
     samples_out: Path | None = None,
-    requirements: Sequence[str] = (),
-    max_new_tokens: int = 32,
-    batch_size: int = 8,
-    device: str = "auto",
-    dtype: str = "auto",
-    force: bool = False,
     tracker: Tracker | None = None,
 ) -> EvalResult:
     """Evaluate ``models`` (roles: model, baseline, reference) on ``splits`` and write the report.
@@ -258,7 +248,8 @@ def run_eval(
     their outcomes are in the report, and failing them is left to the caller.
     """
     tracker = tracker or NullTracker()
-    parsed = [parse_requirement(text) for text in requirements]
+    max_new_tokens, batch_size, dtype = options.max_new_tokens, options.batch_size, options.dtype
+    parsed = [parse_requirement(text) for text in options.require]
     unknown_roles = sorted(set(models) - set(ROLES))
     if "model" not in models or unknown_roles:
         raise ValueError(f"models must have a 'model' and only roles from {ROLES}, got {sorted(models)}")
@@ -269,17 +260,12 @@ def run_eval(
             raise UsageError(f"invalid split name {name!r}", hint="split names are letters, digits, '_' and '-'")
     roles = [role for role in ROLES if role in models]
     validate_requirements(parsed, list(splits), roles)
-    for name, value in (("--batch-size", batch_size), ("--max-new-tokens", max_new_tokens)):
-        if value < 1:
-            raise KvwError(f"{name} must be at least 1, got {value}")
-    if dtype not in DTYPES:
-        raise KvwError(f"invalid --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
     samples_out = samples_out or default_samples_path(out)
     if samples_out.resolve() == out.resolve():
-        raise KvwError(f"the report and the per-sample file are both {out}", hint="choose another --samples-out")
-    check_output_file(out, force=force)
-    check_output_file(samples_out, force=force)
-    torch_device = select_device(device)
+        raise UsageError(f"the report and the per-sample file are both {out}", hint="choose another --samples-out")
+    check_output_file(out, force=options.force)
+    check_output_file(samples_out, force=options.force)
+    torch_device = select_device(options.device)
     evaluated = [load_split(name, path) for name, path in splits.items()]
     check_requirements_have_values(parsed, {split.name: split.with_options for split in evaluated})
     checkpoints = {role: open_checkpoint(resolve_model(spec.reference, spec.revision)) for role, spec in models.items()}

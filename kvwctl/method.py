@@ -159,6 +159,39 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
 # --- layer selections ----------------------------------------------------------------------------
 
 
+def layer_ranges(spec: str) -> list[tuple[int, int | None]]:
+    """The syntax of a layer selection: inclusive ``(start, end)`` pairs, ``end`` None when open.
+
+    Checked without the model: ``3:1`` (start after end) and ``a:b`` are usage errors here; a
+    layer beyond the model's depth is found by ``parse_layers``.
+    """
+    items = [item.strip() for item in spec.split(",")]
+    if not spec.strip() or any(not item for item in items):
+        raise UsageError(f"invalid layer selection {spec!r}", hint='use e.g. "2:26", ":26", "2:" or "0,3,5"')
+    ranges: list[tuple[int, int | None]] = []
+    for item in items:
+        if ":" in item:
+            start_text, _, end_text = item.partition(":")
+            start = _layer_number(start_text, spec) if start_text.strip() else 0
+            end = _layer_number(end_text, spec) if end_text.strip() else None
+            if end is not None and start > end:
+                raise UsageError(f"invalid layer range {item!r}: start {start} is after end {end}")
+            ranges.append((start, end))
+        else:
+            number = _layer_number(item, spec)
+            ranges.append((number, number))
+    return ranges
+
+
+def layer_selection_problem(spec: str) -> str | None:
+    """What is wrong with the syntax of a layer selection, or None (for option checks)."""
+    try:
+        layer_ranges(spec)
+    except UsageError as error:
+        return error.message
+    return None
+
+
 def parse_layers(spec: str, num_layers: int) -> list[int]:
     """Resolve a layer selection over ``num_layers`` decoder layers into a sorted list.
 
@@ -167,20 +200,8 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
     """
     last = num_layers - 1
     selected: set[int] = set()
-    items = [item.strip() for item in spec.split(",")]
-    if not spec.strip() or any(not item for item in items):
-        raise UsageError(f"invalid layer selection {spec!r}", hint='use e.g. "2:26", ":26", "2:" or "0,3,5"')
-    for item in items:
-        if ":" in item:
-            start_text, _, end_text = item.partition(":")
-            start = _layer_number(start_text, spec) if start_text.strip() else 0
-            end = _layer_number(end_text, spec) if end_text.strip() else last
-            if start > end:
-                raise UsageError(f"invalid layer range {item!r}: start {start} is after end {end}")
-            numbers = range(start, end + 1)
-        else:
-            numbers = range(_layer_number(item, spec), _layer_number(item, spec) + 1)
-        for number in numbers:
+    for start, end in layer_ranges(spec):
+        for number in range(start, (last if end is None else end) + 1):
             if number > last:
                 raise UsageError(
                     f"layer {number} in {spec!r} is out of range",

@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvwctl.artifacts import PROFILE_FORMAT, model_metadata, write_artifact
-from kvwctl.checkpoint import open_checkpoint, resolve_model
+from kvwctl.checkpoint import ModelSpec, open_checkpoint, resolve_model
 from kvwctl.console import NullTracker, Tracker
-from kvwctl.conversation import POSITION_MODES, RenderedSample
+from kvwctl.conversation import RenderedSample
 from kvwctl.data import load_samples
-from kvwctl.errors import KvwError
 from kvwctl.files import check_output_file, file_sha256
 from kvwctl.modeling import (
     CoefficientCollector,
@@ -38,11 +37,10 @@ from kvwctl.modeling import (
     select_device,
     select_dtype,
 )
+from kvwctl.options import ProfileOptions
 
 if TYPE_CHECKING:
     import torch
-
-SPLITS = ("retain", "forget")
 
 
 @dataclass(frozen=True)
@@ -81,33 +79,17 @@ def collect_sums(
 
 
 def run_profile(
-    model: str,
-    data: Path,
-    out: Path,
-    *,
-    split: str,
-    revision: str | None = None,
-    positions: str = "answer",
-    batch_size: int = 8,
-    device: str = "auto",
-    dtype: str = "auto",
-    force: bool = False,
-    tracker: Tracker | None = None,
+    model: ModelSpec, data: Path, out: Path, options: ProfileOptions, *, tracker: Tracker | None = None
 ) -> ProfileResult:
-
+    """Profile ``data`` on ``model`` and write the profile to ``out`` (see the module docstring)."""
     tracker = tracker or NullTracker()
-    if split not in SPLITS:
-        raise KvwError(f"invalid --split {split!r}", hint="use retain or forget")
-    if positions not in POSITION_MODES:
-        raise KvwError(f"invalid --positions {positions!r}", hint=f"use one of {', '.join(POSITION_MODES)}")
-    if batch_size < 1:
-        raise KvwError(f"--batch-size must be at least 1, got {batch_size}")
-    check_output_file(out, force=force)
+    split, positions, batch_size = options.split, options.positions, options.batch_size
+    check_output_file(out, force=options.force)
     samples = load_samples(data)
-    checkpoint = open_checkpoint(resolve_model(model, revision))
+    checkpoint = open_checkpoint(resolve_model(model.reference, model.revision))
     fingerprint = checkpoint.fingerprint()
-    torch_device = select_device(device)
-    torch_dtype = select_dtype(dtype, torch_device, checkpoint.config)
+    torch_device = select_device(options.device)
+    torch_dtype = select_dtype(options.dtype, torch_device, checkpoint.config)
     loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
     rendered = render_all(loaded.renderer, samples)
 

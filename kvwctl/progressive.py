@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kvwctl.apply import EXPOSURE_FILE, ApplyResult, check_gamma, write_weakened_checkpoint
+from kvwctl.apply import EXPOSURE_FILE, ApplyResult, write_weakened_checkpoint
 from kvwctl.artifacts import (
     PROFILE_FORMAT,
     check_fits_model,
@@ -34,10 +34,10 @@ from kvwctl.artifacts import (
     retain_coefficients,
     write_artifact,
 )
-from kvwctl.checkpoint import open_checkpoint, resolve_model
+from kvwctl.checkpoint import ModelSpec, open_checkpoint, resolve_model
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.data import load_samples
-from kvwctl.errors import ArtifactError, KvwError
+from kvwctl.errors import ArtifactError
 from kvwctl.files import check_output_dir, check_output_file, file_sha256
 from kvwctl.method import (
     batch_ranges,
@@ -48,21 +48,16 @@ from kvwctl.method import (
     scale_vectors,
     summarize_exposures,
 )
+from kvwctl.options import ApplyOptions
 
 
 def run_progressive(
-    model: str,
+    model: ModelSpec,
     forget_data: Path,
     retain_profile: Path,
     out: Path,
+    options: ApplyOptions,
     *,
-    gamma: float,
-    layers: str,
-    revision: str | None = None,
-    batch_size: int = 1,
-    device: str = "auto",
-    dtype: str = "auto",
-    force: bool = False,
     exposure_out: Path | None = None,
     tracker: Tracker | None = None,
 ) -> ApplyResult:
@@ -78,16 +73,14 @@ def run_progressive(
 
     from kvwctl.modeling import CoefficientCollector, encode_batch, load_model, render_all, select_device, select_dtype
 
-    check_gamma(gamma)
-    if batch_size < 1:
-        raise KvwError(f"--batch-size must be at least 1, got {batch_size}")
+    gamma, batch_size, force = options.gamma, options.batch_size, options.force
     tracker = tracker or NullTracker()
-    source = resolve_model(model, revision)
+    source = resolve_model(model.reference, model.revision)
     check_output_dir(out, inputs=[source.path], force=force)
     exposure_path = exposure_out or out.parent / f"{out.name}.{EXPOSURE_FILE}"
     check_output_file(exposure_path, force=force)
     checkpoint = open_checkpoint(source)
-    selected = parse_layers(layers, checkpoint.num_layers)
+    selected = parse_layers(options.layers, checkpoint.num_layers)
     retain = read_artifact(retain_profile, PROFILE_FORMAT)
     if retain.metadata.get("split") != "retain":
         raise ArtifactError(f"{retain_profile} is a {retain.metadata.get('split')} profile; expected a retain profile")
@@ -96,8 +89,9 @@ def run_progressive(
     positions = retain.metadata["positions"]
     samples = load_samples(forget_data)
 
-    torch_device = select_device(device)
-    loaded = load_model(checkpoint, device=torch_device, dtype=select_dtype(dtype, torch_device, checkpoint.config))
+    torch_device = select_device(options.device)
+    torch_dtype = select_dtype(options.dtype, torch_device, checkpoint.config)
+    loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
     rendered = render_all(loaded.renderer, samples)
     retain_by_layer = [coefficient.to(torch_device) for coefficient in retain_coefficients(retain)]
     modules = loaded.down_projections

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from kvwctl.accessor import AccessorResult
@@ -88,4 +89,13 @@ def eval_table(report: EvalReport) -> Table:
             row += [ratio(results[role][split][metric], results["baseline"][split][metric]) for role in ratios]
             table.add_row(*row)
         table.add_section()
+    return table
+
+
+def inputs_table(title: str, values: Mapping[str, Any]) -> Table:
+    """The resolved inputs and settings of a command, one ``key value`` row each (None omitted)."""
+    table = Table(title=title, show_header=False, title_justify="left", box=None, pad_edge=False)
+    for key, value in values.items():
+        if value is not None:
+            table.add_row(Text(f"  {key}"), Text(str(value)))  # paths are text, never markup
     return table

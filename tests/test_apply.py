@@ -13,10 +13,11 @@ from conftest import MULTIMODAL, split_for
 from kvwctl.accessor import run_accessor
 from kvwctl.apply import LayerEdit, run_apply
 from kvwctl.artifacts import ACCESSOR_FORMAT, read_artifact
-from kvwctl.checkpoint import MANIFEST_FILE, open_checkpoint, read_safetensors_header, resolve_model
+from kvwctl.checkpoint import MANIFEST_FILE, ModelSpec, open_checkpoint, read_safetensors_header, resolve_model
 from kvwctl.data import load_image
 from kvwctl.files import file_sha256
 from kvwctl.method import gates
+from kvwctl.options import AccessorOptions, ApplyOptions, ProfileOptions
 from kvwctl.profile import run_profile
 from kvwctl.progressive import run_progressive
 
@@ -50,11 +51,19 @@ def pipelines(checkpoints, data, tmp_path_factory) -> dict[str, dict[str, Path]]
     for model_type in ("llava", "qwen2_vl", "qwen2"):
         root = tmp_path_factory.mktemp(f"pipeline-{model_type}")
         model = str(checkpoints[model_type])
-        retain = run_profile(model, split_for(model_type, data, "retain"), root / "r.safetensors", split="retain").path
-        forget = run_profile(
-            model, split_for(model_type, data, "forget"), root / "f.safetensors", split="forget", batch_size=1
+        retain = run_profile(
+            ModelSpec(model),
+            split_for(model_type, data, "retain"),
+            root / "r.safetensors",
+            ProfileOptions(split="retain"),
         ).path
-        accessor = run_accessor(forget, retain, root / "a.safetensors", batch_size=1).path
+        forget = run_profile(
+            ModelSpec(model),
+            split_for(model_type, data, "forget"),
+            root / "f.safetensors",
+            ProfileOptions(split="forget", batch_size=1),
+        ).path
+        accessor = run_accessor(forget, retain, root / "a.safetensors", AccessorOptions(batch_size=1)).path
         result[model_type] = {"retain": retain, "forget": forget, "accessor": accessor}
     return result
 
@@ -64,7 +73,7 @@ def test_apply_byte_for_byte(model_type: str, checkpoints, pipelines, tmp_path: 
     source = checkpoints[model_type]
     accessor = pipelines[model_type]["accessor"]
     gamma, layers = 0.7, [1, 2]
-    result = run_apply(str(source), accessor, tmp_path / "out", gamma=gamma, layers="1:2")
+    result = run_apply(ModelSpec(str(source)), accessor, tmp_path / "out", ApplyOptions(gamma=gamma, layers="1:2"))
     out = result.path
 
     checkpoint = open_checkpoint(resolve_model(str(source)))
@@ -117,7 +126,9 @@ def test_apply_byte_for_byte(model_type: str, checkpoints, pipelines, tmp_path: 
 def test_apply_module_layout(module_layout_checkpoints, pipelines, tmp_path: Path) -> None:
     # The module-layout checkpoint holds the same weights, so the Hub-layout accessor fits it.
     source = module_layout_checkpoints["llava"]
-    out = run_apply(str(source), pipelines["llava"]["accessor"], tmp_path / "out", gamma=0.5, layers="0").path
+    out = run_apply(
+        ModelSpec(str(source)), pipelines["llava"]["accessor"], tmp_path / "out", ApplyOptions(gamma=0.5, layers="0")
+    ).path
     name = "model.language_model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(load_tensor(source, name), load_tensor(out, name))
     other = "model.language_model.layers.1.mlp.down_proj.weight"
@@ -135,7 +146,9 @@ def test_bfloat16_checkpoint_is_rounded_once(checkpoints, pipelines, tmp_path: P
 
     metadata = dict(accessor.metadata, model_fingerprint=open_checkpoint(resolve_model(str(source))).fingerprint())
     write_artifact(tmp_path / "a.safetensors", accessor.tensors, metadata)
-    out = run_apply(str(source), tmp_path / "a.safetensors", tmp_path / "out", gamma=1.0, layers="2").path
+    out = run_apply(
+        ModelSpec(str(source)), tmp_path / "a.safetensors", tmp_path / "out", ApplyOptions(gamma=1.0, layers="2")
+    ).path
     name = "model.layers.2.mlp.down_proj.weight"
     original = load_tensor(source, name)
     assert original.dtype == torch.bfloat16
@@ -166,15 +179,19 @@ def generate(checkpoint: Path, model_type: str, image: Path | None) -> torch.Ten
 def test_output_loads_and_generates(model_type: str, mode: str, checkpoints, pipelines, data, tmp_path: Path) -> None:
     source = checkpoints[model_type]
     if mode == "one-shot":
-        out = run_apply(str(source), pipelines[model_type]["accessor"], tmp_path / "out", gamma=0.5, layers="1:3").path
+        out = run_apply(
+            ModelSpec(str(source)),
+            pipelines[model_type]["accessor"],
+            tmp_path / "out",
+            ApplyOptions(gamma=0.5, layers="1:3"),
+        ).path
     else:
         out = run_progressive(
-            str(source),
+            ModelSpec(str(source)),
             split_for(model_type, data, "forget"),
             pipelines[model_type]["retain"],
             tmp_path / "out",
-            gamma=0.5,
-            layers="1:3",
+            ApplyOptions(gamma=0.5, layers="1:3"),
         ).path
     image = data["forget"].parent / "images" / "p0.png"
     tokens = generate(out, model_type, image)
@@ -192,12 +209,11 @@ def test_output_loads_and_generates(model_type: str, mode: str, checkpoints, pip
 def progressive(model_type: str, checkpoints, pipelines, data, out: Path, *, gamma: float, layers: str):
     """A progressive run on the fixture data; returns its result and the exposure it applied."""
     result = run_progressive(
-        str(checkpoints[model_type]),
+        ModelSpec(str(checkpoints[model_type])),
         data["forget"],
         pipelines[model_type]["retain"],
         out,
-        gamma=gamma,
-        layers=layers,
+        ApplyOptions(gamma=gamma, layers=layers),
     )
     return result, read_artifact(out.parent / f"{out.name}.exposure.safetensors", ACCESSOR_FORMAT)
 
@@ -222,7 +238,9 @@ def test_progressive_equals_one_shot_on_a_single_layer(checkpoints, pipelines, d
     # Weakening layer 2 cannot change its own input, nor the layers before it: no feedback.
     source = checkpoints["qwen2_vl"]
     result, applied = progressive("qwen2_vl", checkpoints, pipelines, data, tmp_path / "p", gamma=2.0, layers="2")
-    one_shot = run_apply(str(source), pipelines["qwen2_vl"]["accessor"], tmp_path / "o", gamma=2.0, layers="2").path
+    one_shot = run_apply(
+        ModelSpec(str(source)), pipelines["qwen2_vl"]["accessor"], tmp_path / "o", ApplyOptions(gamma=2.0, layers="2")
+    ).path
     accessor = read_artifact(pipelines["qwen2_vl"]["accessor"], ACCESSOR_FORMAT)
     assert_same_exposure(applied, accessor, (0, 1, 2))  # up to the edited layer the model is the original
     name = open_checkpoint(resolve_model(str(source))).down_projections[2].name
@@ -244,7 +262,12 @@ def test_progressive_exposure_file_reproduces_the_progressive_checkpoint(
 ) -> None:
     source = checkpoints["llava"]
     result, _ = progressive("llava", checkpoints, pipelines, data, tmp_path / "p", gamma=1.5, layers="0:3")
-    replayed = run_apply(str(source), tmp_path / "p.exposure.safetensors", tmp_path / "r", gamma=1.5, layers="0:3").path
+    replayed = run_apply(
+        ModelSpec(str(source)),
+        tmp_path / "p.exposure.safetensors",
+        tmp_path / "r",
+        ApplyOptions(gamma=1.5, layers="0:3"),
+    ).path
     for shard in open_checkpoint(resolve_model(str(source))).shards:
         assert (result.path / shard).read_bytes() == (replayed / shard).read_bytes(), shard
     assert tensor_bytes_on_disk(result.path) != tensor_bytes_on_disk(source)

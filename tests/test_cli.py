@@ -12,9 +12,17 @@ import pytest
 from conftest import copy_checkpoint
 from typer.testing import CliRunner
 
+from kvwctl.checkpoint import ModelSpec
 from kvwctl.cli import app
+from kvwctl.options import ApplyOptions
 
 runner = CliRunner()
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def invoke(*args: str | Path):
@@ -39,7 +47,7 @@ def test_help_shows_the_defaults_written_in_brackets() -> None:
     result = runner.invoke(app, ["accessor", "--help"])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())  # undo the line wrapping
-    assert "[default: 1, as the paper]" in text
+    assert "[default: 1, as the paper; kvw.toml: forget_batch_size]" in text
     assert "[default: <workdir>/accessor.safetensors]" in text
 
 
@@ -183,8 +191,17 @@ def test_images_for_a_text_only_model(checkpoints, data, tmp_path: Path) -> None
 
 def test_invalid_options(checkpoints, data, tmp_path: Path) -> None:
     base = ["profile", "--model", checkpoints["qwen2"], "--data", data["retain-text"], "--out", tmp_path / "r"]
-    expect_error(invoke(*base, "--split", "retain", "--positions", "every"), "invalid --positions 'every'")
-    expect_error(invoke(*base, "--split", "test"), "invalid --split 'test'")
+    expect_error(
+        invoke(*base, "--split", "retain", "--positions", "every"),
+        "--positions must be one of answer, answer-tokens, all, got 'every'",
+        exit_code=2,
+    )
+    expect_error(invoke(*base, "--split", "test"), "--split must be one of retain, forget, got 'test'", exit_code=2)
+
+
+@pytest.mark.skipif(torch_cuda_available(), reason="asserts that CUDA is not available")
+def test_cuda_device_without_cuda(checkpoints, data, tmp_path: Path) -> None:
+    base = ["profile", "--model", checkpoints["qwen2"], "--data", data["retain-text"], "--out", tmp_path / "r"]
     expect_error(invoke(*base, "--split", "retain", "--device", "cuda:0"), "CUDA is not available")
 
 
@@ -272,7 +289,9 @@ def test_apply_errors(checkpoints, profiles, tmp_path: Path) -> None:
         "overlaps the input",
     )
     expect_error(
-        invoke("apply", "--model", checkpoints["qwen2"], "--accessor", accessor, "--gamma", "-1"), "--gamma must be"
+        invoke("apply", "--model", checkpoints["qwen2"], "--accessor", accessor, "--gamma", "-1"),
+        "--gamma must be at least 0, got -1.0",
+        exit_code=2,
     )
     usage = invoke("apply", "--model", checkpoints["qwen2"], "--accessor", accessor, "--retain", accessor)
     assert usage.exit_code == 2 and "--retain applies to --progressive only" in usage.output
@@ -305,7 +324,10 @@ def test_failed_apply_leaves_nothing_half_written(checkpoints, profiles, tmp_pat
     monkeypatch.setattr(kvwctl.apply, "copy_patched_shard", failing_copy)
     with pytest.raises(OSError):
         kvwctl.apply.run_apply(
-            str(checkpoints["qwen2"]), profiles["qwen2-accessor"], tmp_path / "o", gamma=1.0, layers=":"
+            ModelSpec(str(checkpoints["qwen2"])),
+            profiles["qwen2-accessor"],
+            tmp_path / "o",
+            ApplyOptions(gamma=1.0, layers=":"),
         )
     assert list(tmp_path.iterdir()) == []
 
@@ -374,3 +396,90 @@ def test_progressive_refuses_a_forget_profile_as_retain(checkpoints, data, profi
     )  # fmt: skip
     expect_error(result, "is a forget profile; expected a retain profile")
     assert not (tmp_path / "o").exists()
+
+
+# --- the one rule for exit codes, and plain-text messages ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["apply", "--gamma", "-1"], "--gamma must be at least 0, got -1.0"),
+        (["apply", "--gamma", "inf"], "--gamma must be a finite number, got inf"),
+        (["apply", "--layers", "3:1"], "--layers invalid layer range '3:1': start 3 is after end 1"),
+        (["profile", "--split", "forgett"], "--split must be one of retain, forget, got 'forgett'"),
+        (["accessor", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["eval", "--model", "m", "--data", "a=b", "--require", "forget.x <= 1"], "unknown metric 'x'"),
+        (["apply", "--progressive", "--accessor", "a"], "--accessor does not apply with --progressive"),
+    ],
+)
+def test_bad_option_values_exit_2_through_the_catch_site(
+    args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    expect_error(invoke(*args), message, exit_code=2)
+
+
+def test_malformed_option_type_exits_2() -> None:
+    assert invoke("apply", "--gamma", "abc").exit_code == 2
+
+
+def test_bad_option_from_the_environment_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KVW_FORGET_BATCH_SIZE", "0")
+    expect_error(invoke("accessor"), "KVW_FORGET_BATCH_SIZE must be at least 1, got 0", exit_code=2)
+
+
+def test_bad_kvw_toml_value_exits_1_naming_the_file(tmp_path: Path) -> None:
+    (tmp_path / "kvw.toml").write_text("gamma = -1\n")
+    result = invoke("apply", "--config", tmp_path / "kvw.toml")
+    expect_error(result, f"{tmp_path / 'kvw.toml'}: gamma must be at least 0, got -1")
+
+
+def test_error_messages_are_plain_text_not_markup(tmp_path: Path) -> None:
+    # Rich markup would swallow "[splits]" and crash on "[/]".
+    (tmp_path / "kvw.toml").write_text('splits = "x"\n')
+    result = invoke("accessor", "--config", tmp_path / "kvw.toml")
+    expect_error(result, "[splits] must be a table of name = path, got 'x'")
+    odd = tmp_path / "a[/]b[bold]"
+    result = invoke("accessor", "--forget", odd, "--retain", odd)
+    expect_error(result, f"Error: {odd} does not exist")
+
+
+def test_interrupt_wrapped_in_another_exception_exits_130(
+    checkpoints, profiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kvwctl.accessor
+
+    def interrupted_inside_a_library(*args: object, **kwargs: object) -> None:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise OSError("read interrupted") from None  # the interrupt stays in __context__
+
+    monkeypatch.setattr(kvwctl.accessor, "run_accessor", interrupted_inside_a_library)
+    result = invoke(
+        "accessor", "--forget", profiles["qwen2-forget"], "--retain", profiles["qwen2-retain"], "--out", tmp_path / "a"
+    )
+    assert result.exit_code == 130
+    assert "Interrupted." in result.stderr
+
+
+def test_missing_local_model_directory_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kvw-run").mkdir()
+    (tmp_path / "d.jsonl").write_text('{"question": "Q?", "answer": "A"}\n')
+    for reference in ("kvw-run/unlearned", "./nothing", str(tmp_path / "nothing")):
+        result = invoke("profile", "--split", "retain", "--model", reference, "--data", tmp_path / "d.jsonl")
+        expect_error(result, f"model directory {reference} does not exist")
+
+
+def test_version_flag_and_command_print_the_one_version() -> None:
+    from importlib.metadata import version
+
+    import kvwctl
+
+    assert kvwctl.__version__ == version("kvwctl")
+    for args in (["--version"], ["version"]):
+        result = invoke(*args)
+        assert result.exit_code == 0 and result.stdout == f"{kvwctl.__version__}\n"

@@ -24,6 +24,7 @@ from kvwctl.evaluate import default_samples_path, generate_answers, run_eval
 from kvwctl.files import file_sha256
 from kvwctl.metrics import METRICS, keyword_accuracy, rouge_l, summarize
 from kvwctl.modeling import encode_prompts, load_model
+from kvwctl.options import EvalOptions
 from kvwctl.report import EVAL_FORMAT
 from kvwctl.testing import build_checkpoint
 
@@ -120,7 +121,10 @@ def independent_answer_logprob(model, processor, tokenizer, renderer, sample) ->
 def test_answer_logprob_matches_a_plain_forward_pass(model_type, checkpoints, data, eval_data, tmp_path) -> None:
     split = eval_data["all"] if model_type == "qwen2" else data["forget"]
     result = run_eval(
-        {"model": _spec(checkpoints[model_type])}, {"s": split}, tmp_path / "e.json", max_new_tokens=1, batch_size=3
+        {"model": _spec(checkpoints[model_type])},
+        {"s": split},
+        tmp_path / "e.json",
+        EvalOptions(max_new_tokens=1, batch_size=3),
     )
     assert json.loads(result.path.read_text()) == result.report.to_json()  # the typed report is the file
     recorded = {record["id"]: record for record in jsonlines.open(result.samples_path)}
@@ -149,7 +153,7 @@ def test_answer_logprob_matches_a_plain_forward_pass(model_type, checkpoints, da
 
 
 def _spec(path: Path):
-    from kvwctl.evaluate import ModelSpec
+    from kvwctl.checkpoint import ModelSpec
 
     return ModelSpec(str(path))
 

@@ -10,10 +10,11 @@ import transformers
 from conftest import MULTIMODAL, split_for
 
 from kvwctl.artifacts import PROFILE_FORMAT, read_artifact
-from kvwctl.checkpoint import open_checkpoint, resolve_model
+from kvwctl.checkpoint import ModelSpec, open_checkpoint, resolve_model
 from kvwctl.conversation import ChatRenderer
 from kvwctl.data import Sample, load_image, load_samples
 from kvwctl.modeling import encode_batch, load_model
+from kvwctl.options import ProfileOptions
 from kvwctl.profile import run_profile
 from kvwctl.testing import LLAVA_TEMPLATE, MISTRAL_TEMPLATE, byte_level_tokenizer, sentencepiece_tokenizer
 
@@ -72,7 +73,12 @@ def independent_sums(checkpoint: Path, samples: list[Sample], mode: str) -> tupl
 @pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "qwen2_5_vl", "llama", "qwen2", "mistral"])
 def test_forget_profile_matches_independent_hooks(model_type: str, checkpoints, data, tmp_path: Path) -> None:
     split = split_for(model_type, data, "forget")
-    out = run_profile(str(checkpoints[model_type]), split, tmp_path / "f.safetensors", split="forget", batch_size=3)
+    out = run_profile(
+        ModelSpec(str(checkpoints[model_type])),
+        split,
+        tmp_path / "f.safetensors",
+        ProfileOptions(split="forget", batch_size=3),
+    )
     profile = read_artifact(out.path, PROFILE_FORMAT)
     expected_sums, expected_counts = independent_sums(checkpoints[model_type], load_samples(split), "answer")
     assert profile.tensors["count"].tolist() == expected_counts
@@ -85,7 +91,10 @@ def test_forget_profile_matches_independent_hooks(model_type: str, checkpoints, 
 @pytest.mark.parametrize("mode", ["answer", "answer-tokens", "all"])
 def test_position_modes(mode: str, checkpoints, data, tmp_path: Path) -> None:
     out = run_profile(
-        str(checkpoints["llava"]), data["forget"], tmp_path / "f.safetensors", split="forget", positions=mode
+        ModelSpec(str(checkpoints["llava"])),
+        data["forget"],
+        tmp_path / "f.safetensors",
+        ProfileOptions(split="forget", positions=mode),
     )
     profile = read_artifact(out.path, PROFILE_FORMAT)
     expected_sums, expected_counts = independent_sums(checkpoints["llava"], load_samples(data["forget"]), mode)
@@ -99,10 +108,16 @@ def test_position_modes(mode: str, checkpoints, data, tmp_path: Path) -> None:
 def test_batching_and_padding_do_not_change_sums(model_type: str, checkpoints, data, tmp_path: Path) -> None:
     # Five samples of different lengths, with and without images: batch size 4 pads heavily.
     single = run_profile(
-        str(checkpoints[model_type]), data["forget"], tmp_path / "1.safetensors", split="forget", batch_size=1
+        ModelSpec(str(checkpoints[model_type])),
+        data["forget"],
+        tmp_path / "1.safetensors",
+        ProfileOptions(split="forget", batch_size=1),
     )
     batched = run_profile(
-        str(checkpoints[model_type]), data["forget"], tmp_path / "4.safetensors", split="forget", batch_size=4
+        ModelSpec(str(checkpoints[model_type])),
+        data["forget"],
+        tmp_path / "4.safetensors",
+        ProfileOptions(split="forget", batch_size=4),
     )
     one, four = read_artifact(single.path, PROFILE_FORMAT), read_artifact(batched.path, PROFILE_FORMAT)
     assert torch.equal(one.tensors["count"], four.tensors["count"])
@@ -114,10 +129,16 @@ def test_batching_and_padding_do_not_change_sums(model_type: str, checkpoints, d
 
 def test_retain_profile_pools_sums_and_counts(checkpoints, data, tmp_path: Path) -> None:
     forget_style = run_profile(
-        str(checkpoints["qwen2"]), data["retain-text"], tmp_path / "f.safetensors", split="forget"
+        ModelSpec(str(checkpoints["qwen2"])),
+        data["retain-text"],
+        tmp_path / "f.safetensors",
+        ProfileOptions(split="forget"),
     )
     retain_style = run_profile(
-        str(checkpoints["qwen2"]), data["retain-text"], tmp_path / "r.safetensors", split="retain"
+        ModelSpec(str(checkpoints["qwen2"])),
+        data["retain-text"],
+        tmp_path / "r.safetensors",
+        ProfileOptions(split="retain"),
     )
     per_sample, pooled = (
         read_artifact(forget_style.path, PROFILE_FORMAT),
@@ -141,9 +162,17 @@ def test_tokenizer_without_pad_token_still_batches(checkpoints, data, tmp_path: 
     config["pad_token"] = None
     config_path.write_text(json.dumps(config))
     assert transformers.AutoTokenizer.from_pretrained(model).pad_token is None
-    padded = run_profile(str(model), data["retain-text"], tmp_path / "a.safetensors", split="forget", batch_size=4)
+    padded = run_profile(
+        ModelSpec(str(model)),
+        data["retain-text"],
+        tmp_path / "a.safetensors",
+        ProfileOptions(split="forget", batch_size=4),
+    )
     reference = run_profile(
-        str(checkpoints["qwen2"]), data["retain-text"], tmp_path / "b.safetensors", split="forget", batch_size=1
+        ModelSpec(str(checkpoints["qwen2"])),
+        data["retain-text"],
+        tmp_path / "b.safetensors",
+        ProfileOptions(split="forget", batch_size=1),
     )
     first, second = read_artifact(padded.path, PROFILE_FORMAT), read_artifact(reference.path, PROFILE_FORMAT)
     for layer in range(first.num_layers):
@@ -153,7 +182,9 @@ def test_tokenizer_without_pad_token_still_batches(checkpoints, data, tmp_path: 
 
 
 def test_profile_metadata_records_how_it_was_made(checkpoints, data, tmp_path: Path) -> None:
-    result = run_profile(str(checkpoints["llava"]), data["retain"], tmp_path / "r.safetensors", split="retain")
+    result = run_profile(
+        ModelSpec(str(checkpoints["llava"])), data["retain"], tmp_path / "r.safetensors", ProfileOptions(split="retain")
+    )
     metadata = read_artifact(result.path, PROFILE_FORMAT).metadata
     checkpoint = open_checkpoint(resolve_model(str(checkpoints["llava"])))
     assert metadata["format"] == "kvwctl.profile/1"
@@ -247,13 +278,16 @@ def test_multimodal_content_is_a_list_of_parts_and_text_only_a_string() -> None:
 def test_module_layout_gives_the_same_profile(checkpoints, module_layout_checkpoints, data, tmp_path: Path) -> None:
     for model_type in MULTIMODAL:
         hub = run_profile(
-            str(checkpoints[model_type]), data["forget"], tmp_path / f"{model_type}-h.safetensors", split="forget"
+            ModelSpec(str(checkpoints[model_type])),
+            data["forget"],
+            tmp_path / f"{model_type}-h.safetensors",
+            ProfileOptions(split="forget"),
         )
         module = run_profile(
-            str(module_layout_checkpoints[model_type]),
+            ModelSpec(str(module_layout_checkpoints[model_type])),
             data["forget"],
             tmp_path / f"{model_type}-m.safetensors",
-            split="forget",
+            ProfileOptions(split="forget"),
         )
         assert hub.fingerprint == module.fingerprint  # names are not hashed, weights are
         first, second = read_artifact(hub.path, PROFILE_FORMAT), read_artifact(module.path, PROFILE_FORMAT)

@@ -1,0 +1,332 @@
+"""The options of every stage: one frozen dataclass per stage owns its defaults, help and checks.
+
+    ProfileOptions(split="retain", batch_size=8)      # library use: validated on construction
+    fill(ProfileOptions, {"split": "retain"}, project) # the CLI: flags, KVW_* variables, kvw.toml
+
+Each field is declared once with ``option(default, help, key=...)``: the default, the help text
+(which the CLI shows with ``[default: …]`` appended) and the ``kvw.toml`` key that may set it.
+A value is taken by one precedence rule:
+
+    command-line flag  >  environment variable KVW_<KEY>  >  kvw.toml <key>  >  the default
+
+so ``KVW_GAMMA=0.05 kvwctl apply`` overrides ``gamma = 0.02`` in kvw.toml and ``--gamma 0.1``
+overrides both. Fields without a key (``force``, ``save_batches``, ``require``) come from flags
+only. Every value is checked where it enters: a bad flag or ``KVW_*`` value is a usage error
+(exit 2) naming the flag or variable; a bad kvw.toml value is a bad input file (exit 1) naming
+the file and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from kvwctl.conversation import POSITION_MODES
+from kvwctl.errors import KvwError, UsageError
+
+if TYPE_CHECKING:
+    from kvwctl.config import ProjectConfig
+
+SPLITS = ("retain", "forget")
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+ENVIRONMENT_PREFIX = "KVW_"
+
+Options = TypeVar("Options")
+
+
+def option(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    key: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    minimum: float | None = None,
+    check: Callable[[Any], str | None] | None = None,
+    shown_default: str | None = None,
+) -> Any:
+    """A field with its default, help text, kvw.toml key and checks in one place.
+
+    ``choices`` and ``minimum`` are the common checks; ``check`` returns the problem with a value
+    (or None) for anything else. ``shown_default`` replaces the default in the help text.
+    """
+    metadata = {
+        "help": help,
+        "key": key,
+        "choices": choices,
+        "minimum": minimum,
+        "check": check,
+        "shown_default": shown_default,
+    }
+    if isinstance(default, tuple):
+        return field(default_factory=lambda: default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _device_problem(value: str) -> str | None:
+    return None if _DEVICE.match(value) else f"must be {DEVICE_CHOICES}, got {value!r}"
+
+
+def _layers_problem(value: str) -> str | None:
+    from kvwctl.method import layer_selection_problem
+
+    return layer_selection_problem(value)
+
+
+def _problem(kind: Any, value: Any, metadata: Mapping[str, Any]) -> str | None:
+    """What is wrong with ``value`` for a field of type ``kind``, or None."""
+    allowed = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    if value is None:
+        return None if type(None) in allowed else "is required"
+    if tuple in [typing.get_origin(item) or item for item in allowed]:
+        if not isinstance(value, tuple) or not all(isinstance(item, str) for item in value):
+            return f"must be a list of strings, got {value!r}"
+        return None
+    if bool in allowed:
+        return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+    if float in allowed:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"must be a number, got {value!r}"
+        if not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
+    elif int in allowed:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"must be an integer, got {value!r}"
+    elif str in allowed and not isinstance(value, str):
+        return f"must be a string, got {value!r}"
+    minimum = metadata.get("minimum")
+    if minimum is not None and value < minimum:
+        bound = int(minimum) if float(minimum).is_integer() else minimum
+        return f"must be at least {bound}, got {value!r}"
+    choices = metadata.get("choices")
+    if choices is not None and value not in choices:
+        return f"must be one of {', '.join(choices)}, got {value!r}"
+    check = metadata.get("check")
+    return check(value) if check is not None else None
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def environment_name(key: str) -> str:
+    return ENVIRONMENT_PREFIX + key.upper()
+
+
+def _validate(options: Any) -> None:
+    """Check every field of a constructed options object (library use: named by flag)."""
+    kinds = _field_types(type(options))
+    for item in dataclasses.fields(options):
+        problem = _problem(kinds[item.name], getattr(options, item.name), item.metadata)
+        if problem is not None:
+            raise UsageError(f"{flag_name(item.name)} {problem}")
+
+
+# --- the stages' options -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    """``kvwctl profile``: knowledge coefficients of a split."""
+
+    split: str = option(help="retain (pooled sums) or forget (per-sample sums)", choices=SPLITS)
+    positions: str = option(
+        "answer",
+        "Profiled positions: answer (those predicting answer tokens), answer-tokens or all",
+        key="positions",
+        choices=POSITION_MODES,
+    )
+    batch_size: int = option(8, "Samples per forward pass", key="batch_size", minimum=1)
+    device: str = option("auto", f"Device: {DEVICE_CHOICES}", key="device", check=_device_problem)
+    dtype: str = option(
+        "auto",
+        "auto, float32, bfloat16 or float16",
+        key="dtype",
+        choices=DTYPES,
+        shown_default="auto: the stored dtype on a GPU, float32 on the CPU",
+    )
+    force: bool = option(False, "Replace an existing output.")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+@dataclass(frozen=True)
+class AccessorOptions:
+    """``kvwctl accessor``: exposure from a forget and a retain profile."""
+
+    batch_size: int = option(
+        1,
+        "Forget samples per accessor batch",
+        key="forget_batch_size",
+        minimum=1,
+        shown_default="1, as the paper",
+    )
+    save_batches: bool = option(False, "Also store every batch's A_b.")
+    force: bool = option(False, "Replace an existing output.")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    """``kvwctl apply``: a new checkpoint with knowledge vectors scaled by exp(-gamma * E).
+
+    ``batch_size`` and ``dtype`` are used by ``--progressive`` only (one-shot apply runs no model).
+    """
+
+    gamma: float = option(0.02, "Weakening strength", key="gamma", minimum=0)
+    layers: str = option(
+        ":",
+        "Decoder layers, inclusive and 0-based: 2:26, :26, 2:, 0,3,5",
+        key="layers",
+        check=_layers_problem,
+        shown_default="all",
+    )
+    progressive: bool = option(False, "Algorithm 1: re-profile the weakened model after every forget batch.")
+    batch_size: int = option(1, "Forget samples per batch, for --progressive", key="forget_batch_size", minimum=1)
+    device: str = option("auto", f"Device: {DEVICE_CHOICES}", key="device", check=_device_problem)
+    dtype: str = option(
+        "auto",
+        "auto, float32, bfloat16 or float16, for --progressive",
+        key="dtype",
+        choices=DTYPES,
+        shown_default="auto: the stored dtype on a GPU, float32 on the CPU",
+    )
+    force: bool = option(False, "Replace an existing output.")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """``kvwctl eval``: generation and likelihood metrics, with requirements."""
+
+    max_new_tokens: int = option(32, "Generated tokens per sample", key="max_new_tokens", minimum=1)
+    batch_size: int = option(8, "Samples per batch", key="batch_size", minimum=1)
+    device: str = option("auto", f"Device: {DEVICE_CHOICES}", key="device", check=_device_problem)
+    dtype: str = option(
+        "auto",
+        "auto, float32, bfloat16 or float16",
+        key="dtype",
+        choices=DTYPES,
+        shown_default="auto: the stored dtype on a GPU, float32 on the CPU",
+    )
+    require: tuple[str, ...] = option(
+        (),
+        "A requirement: SPLIT.METRIC OP EXPR, e.g. 'forget.keyword_acc <= 0.1' or "
+        "'retain.keyword_acc >= 0.95*baseline'; repeatable; exit 1 if one fails",
+    )
+    force: bool = option(False, "Replace an existing output.")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        from kvwctl.requirements import parse_requirement
+
+        for text in self.require:
+            parse_requirement(text)
+
+
+STAGE_OPTIONS: tuple[type, ...] = (ProfileOptions, AccessorOptions, ApplyOptions, EvalOptions)
+
+
+# --- help texts and kvw.toml keys ----------------------------------------------------------------
+
+
+def help_text(cls: type, name: str) -> str:
+    """The help of a field with its default and kvw.toml key, for the CLI."""
+    item = next(item for item in dataclasses.fields(cls) if item.name == name)
+    text = item.metadata["help"]
+    if _field_types(cls)[name] is bool:
+        return text
+    notes = []
+    shown = item.metadata.get("shown_default")
+    if shown is not None:
+        notes.append(f"default: {shown}")
+    elif item.default is not MISSING and item.default not in ((), None):
+        notes.append(f"default: {item.default}")
+    if item.metadata.get("key"):
+        notes.append(f"kvw.toml: {item.metadata['key']}")
+    return f"{text} [{'; '.join(notes)}]" if notes else text
+
+
+def config_keys() -> dict[str, Any]:
+    """Every kvw.toml key an option reads, with the field type it must have."""
+    keys: dict[str, Any] = {}
+    for cls in STAGE_OPTIONS:
+        kinds = _field_types(cls)
+        for item in dataclasses.fields(cls):
+            key = item.metadata.get("key")
+            if key is not None:
+                keys.setdefault(key, (kinds[item.name], item.metadata))
+    return keys
+
+
+def check_config_value(key: str, value: Any) -> str | None:
+    """The problem with a kvw.toml value, or None (used when kvw.toml is read)."""
+    kind, metadata = config_keys()[key]
+    return _problem(kind, value, metadata)
+
+
+# --- filling options by precedence ---------------------------------------------------------------
+
+
+def _from_environment(text: str, kind: Any) -> Any:
+    """A ``KVW_*`` string converted to the field's type (left as text if it does not convert)."""
+    allowed = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    try:
+        if float in allowed:
+            return float(text)
+        if int in allowed:
+            return int(text)
+    except ValueError:
+        return text
+    return text
+
+
+def fill(
+    cls: type[Options],
+    flags: Mapping[str, Any],
+    project: ProjectConfig | None = None,
+    *,
+    environment: Mapping[str, str] | None = None,
+) -> Options:
+    """Build ``cls`` from flags (None: not given), ``KVW_*`` variables, kvw.toml and defaults."""
+    environment = os.environ if environment is None else environment
+    kinds = _field_types(cls)
+    values: dict[str, Any] = {}
+    for item in dataclasses.fields(cls):  # type: ignore[arg-type]
+        name, key, kind = item.name, item.metadata.get("key"), kinds[item.name]
+        flag = flags.get(name)
+        if flag is not None:
+            value, source, code = flag, flag_name(name), 2
+        elif key is not None and environment_name(key) in environment:
+            value = _from_environment(environment[environment_name(key)], kind)
+            source, code = environment_name(key), 2
+        elif key is not None and project is not None and key in project.values:
+            value, source, code = project.values[key], f"{project.source}: {key}", 1
+        elif item.default is not MISSING or item.default_factory is not MISSING:
+            continue
+        else:
+            raise UsageError(f"missing {flag_name(name)}")
+        problem = _problem(kind, value, item.metadata)
+        if problem is not None:
+            if code == 2:
+                raise UsageError(f"{source} {problem}")
+            raise KvwError(f"{source} {problem}")
+        values[name] = value
+    return cls(**values)
