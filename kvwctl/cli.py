@@ -26,7 +26,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from kvwctl import __version__, console
-from kvwctl.config import ProjectConfig, load_config, require
+from kvwctl.config import load_config, parse_named_paths, require
 from kvwctl.errors import EXIT_INTERRUPTED, UsageError, exit_code_for
 from kvwctl.options import AccessorOptions, ApplyOptions, EvalOptions, ProfileOptions, fill, help_text
 
@@ -42,6 +42,11 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _flag(flag: str, help: str) -> Any:
+    """A typer option for an input, output or switch that no stage options own (help written here)."""
+    return typer.Option(flag, help=help)
+
+
 def _option(cls: type, name: str, *flags: str) -> Any:
     """A typer option whose help (with its default) comes from the stage's options dataclass."""
     return typer.Option(*(flags or ("--" + name.replace("_", "-"),)), help=help_text(cls, name))
@@ -50,18 +55,14 @@ def _option(cls: type, name: str, *flags: str) -> Any:
 # --- shared options ------------------------------------------------------------------------------
 
 ConfigOption = Annotated[
-    Path | None, typer.Option("--config", help="kvw.toml to read defaults from [default: ./kvw.toml if present]")
+    Path | None, _flag("--config", "kvw.toml to read defaults from [default: ./kvw.toml if present]")
 ]
-ModelOption = Annotated[
-    str | None, typer.Option("--model", help="Hub id or local checkpoint directory [kvw.toml: model]")
-]
-RevisionOption = Annotated[
-    str | None, typer.Option("--revision", help="Hub branch, tag or commit [kvw.toml: revision]")
-]
-ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of the output path.")]
+ModelOption = Annotated[str | None, _flag("--model", "Hub id or local checkpoint directory [kvw.toml: model]")]
+RevisionOption = Annotated[str | None, _flag("--revision", "Hub branch, tag or commit [kvw.toml: revision]")]
+ForceOption = Annotated[bool, _flag("--force", "Replace an existing output.")]
+JsonOption = Annotated[bool, _flag("--json", "Print a JSON summary on stdout instead of the output path.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
-DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+DebugOption = Annotated[bool, _flag("--debug", "Show tracebacks.")]
 
 
 def command(name: str | None = None) -> Callable[[F], F]:
@@ -112,18 +113,6 @@ def _show_inputs(title: str, values: dict[str, Any]) -> None:
     console.show(inputs_table(title, values))
 
 
-def _revision(flag: str | None, model: str, project: ProjectConfig) -> str | None:
-    """``--revision``, else kvw.toml's revision when the model is kvw.toml's model."""
-    return flag or (project.revision if model == project.model else None)
-
-
-def _model(flag: str | None, revision: str | None, project: ProjectConfig) -> Any:
-    from kvwctl.checkpoint import ModelSpec
-
-    reference = require(flag or project.model, flag="--model", key="model")
-    return ModelSpec(reference, _revision(revision, reference, project))
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(__version__)
@@ -147,10 +136,8 @@ def profile(
     split: Annotated[str, _option(ProfileOptions, "split")],
     model: ModelOption = None,
     revision: RevisionOption = None,
-    data: Annotated[Path | None, typer.Option("--data", help="JSON Lines samples [kvw.toml: splits.<split>]")] = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Output file [default: <workdir>/profile-<split>.safetensors]")
-    ] = None,
+    data: Annotated[Path | None, _flag("--data", "JSON Lines samples [kvw.toml: splits.<split>]")] = None,
+    out: Annotated[Path | None, _flag("--out", "Output file [default: <workdir>/profile-<split>.safetensors]")] = None,
     positions: Annotated[str | None, _option(ProfileOptions, "positions")] = None,
     batch_size: Annotated[int | None, _option(ProfileOptions, "batch_size")] = None,
     device: Annotated[str | None, _option(ProfileOptions, "device")] = None,
@@ -170,7 +157,7 @@ def profile(
         dict(split=split, positions=positions, batch_size=batch_size, device=device, dtype=dtype, force=force),
         project,
     )
-    spec = _model(model, revision, project)
+    spec = project.model_spec(model, revision)
     data = require(data or project.split(options.split), flag="--data", key=f"splits.{options.split}")
     out = out or project.workdir / f"profile-{options.split}.safetensors"
     _show_inputs(
@@ -195,14 +182,12 @@ def profile(
 @command()
 def accessor(
     forget: Annotated[
-        Path | None, typer.Option("--forget", help="Forget profile [default: <workdir>/profile-forget.safetensors]")
+        Path | None, _flag("--forget", "Forget profile [default: <workdir>/profile-forget.safetensors]")
     ] = None,
     retain: Annotated[
-        Path | None, typer.Option("--retain", help="Retain profile [default: <workdir>/profile-retain.safetensors]")
+        Path | None, _flag("--retain", "Retain profile [default: <workdir>/profile-retain.safetensors]")
     ] = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Output file [default: <workdir>/accessor.safetensors]")
-    ] = None,
+    out: Annotated[Path | None, _flag("--out", "Output file [default: <workdir>/accessor.safetensors]")] = None,
     batch_size: Annotated[int | None, _option(AccessorOptions, "batch_size")] = None,
     save_batches: Annotated[bool, _option(AccessorOptions, "save_batches")] = False,
     force: ForceOption = False,
@@ -236,29 +221,25 @@ def apply(
     model: ModelOption = None,
     revision: RevisionOption = None,
     accessor_path: Annotated[
-        Path | None, typer.Option("--accessor", help="Accessor file [default: <workdir>/accessor.safetensors]")
+        Path | None, _flag("--accessor", "Accessor file [default: <workdir>/accessor.safetensors]")
     ] = None,
     gamma: Annotated[float | None, _option(ApplyOptions, "gamma")] = None,
     layers: Annotated[str | None, _option(ApplyOptions, "layers")] = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Output checkpoint directory [default: <workdir>/unlearned]")
-    ] = None,
+    out: Annotated[Path | None, _flag("--out", "Output checkpoint directory [default: <workdir>/unlearned]")] = None,
     progressive: Annotated[bool, _option(ApplyOptions, "progressive")] = False,
     forget_data: Annotated[
-        Path | None, typer.Option("--forget-data", help="Forget samples, for --progressive [kvw.toml: splits.forget]")
+        Path | None, _flag("--forget-data", "Forget samples, for --progressive [kvw.toml: splits.forget]")
     ] = None,
     retain: Annotated[
         Path | None,
-        typer.Option(
-            "--retain", help="Retain profile, for --progressive [default: <workdir>/profile-retain.safetensors]"
-        ),
+        _flag("--retain", "Retain profile, for --progressive [default: <workdir>/profile-retain.safetensors]"),
     ] = None,
     batch_size: Annotated[int | None, _option(ApplyOptions, "batch_size")] = None,
     exposure_out: Annotated[
         Path | None,
-        typer.Option(
+        _flag(
             "--exposure-out",
-            help="Where --progressive writes the exposure it applied [default: <out>.exposure.safetensors]",
+            "Where --progressive writes the exposure it applied [default: <out>.exposure.safetensors]",
         ),
     ] = None,
     device: Annotated[str | None, _option(ApplyOptions, "device")] = None,
@@ -273,24 +254,15 @@ def apply(
     from kvwctl.tables import apply_table
 
     project = load_config(config)
-    contradictions = (
-        [("--accessor", accessor_path)]
-        if progressive
-        else [
-            ("--forget-data", forget_data),
-            ("--retain", retain),
-            ("--batch-size", batch_size),
-            ("--exposure-out", exposure_out),
-            ("--dtype", dtype),
-        ]
-    )
-    for flag, value in contradictions:
+    progressive_only = dict(forget_data=forget_data, retain=retain, batch_size=batch_size, dtype=dtype)
+    given = {"accessor": accessor_path} if progressive else {**progressive_only, "exposure_out": exposure_out}
+    for name, value in given.items():
         if value is not None:
             applies = "does not apply with --progressive" if progressive else "applies to --progressive only"
-            raise UsageError(f"{flag} {applies}")
+            raise UsageError(f"--{name.replace('_', '-')} {applies}")
     flags = dict(gamma=gamma, layers=layers, progressive=progressive, batch_size=batch_size, device=device)
     options = fill(ApplyOptions, {**flags, "dtype": dtype, "force": force}, project)
-    spec = _model(model, revision, project)
+    spec = project.model_spec(model, revision)
     out = out or project.workdir / "unlearned"
     common = {"model": spec.reference, "out": out, "revision": spec.revision, "gamma": options.gamma}
     common |= {"layers": options.layers, "device": options.device}
@@ -319,52 +291,35 @@ def apply(
     _emit(result.path, {"manifest": manifest.to_json()}, json_output)
 
 
-def _parse_data_options(values: list[str]) -> dict[str, Path]:
-    """``--data NAME=FILE`` (repeatable) as an ordered name -> path mapping."""
-    splits: dict[str, Path] = {}
-    for value in values:
-        name, separator, path = value.partition("=")
-        if not separator or not name.strip() or not path.strip():
-            raise UsageError(
-                f"invalid --data {value!r}", hint="write --data NAME=FILE, e.g. --data forget=forget.jsonl"
-            )
-        if name.strip() in splits:
-            raise UsageError(f"--data names the split {name.strip()!r} twice")
-        splits[name.strip()] = Path(path.strip())
-    return splits
-
-
 @command("eval")
 def evaluate(
     model: Annotated[
         str | None,
-        typer.Option(
-            "--model", help="Hub id or checkpoint directory to evaluate [default with kvw.toml: <workdir>/unlearned]"
-        ),
+        _flag("--model", "Hub id or checkpoint directory to evaluate [default with kvw.toml: <workdir>/unlearned]"),
     ] = None,
-    revision: Annotated[str | None, typer.Option("--revision", help="Hub branch, tag or commit of --model")] = None,
+    revision: Annotated[str | None, _flag("--revision", "Hub branch, tag or commit of --model")] = None,
     baseline: Annotated[
         str | None,
-        typer.Option(
+        _flag(
             "--baseline",
-            help="The model before unlearning, for ratios and requirements [default with kvw.toml and no --model: model]",
+            "The model before unlearning, for ratios and requirements [default with kvw.toml and no --model: model]",
         ),
     ] = None,
     reference: Annotated[
         str | None,
-        typer.Option("--reference", help="An oracle model (e.g. never trained on the forget set), for comparison"),
+        _flag("--reference", "An oracle model (e.g. never trained on the forget set), for comparison"),
     ] = None,
     data: Annotated[
         list[str] | None,
-        typer.Option("--data", help="A split as NAME=FILE (JSON Lines); repeatable [default: kvw.toml [splits]]"),
+        _flag("--data", "A split as NAME=FILE (JSON Lines); repeatable [default: kvw.toml [splits]]"),
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Report file [default: <workdir>/eval.json with kvw.toml, else eval.json]"),
+        _flag("--out", "Report file [default: <workdir>/eval.json with kvw.toml, else eval.json]"),
     ] = None,
     samples_out: Annotated[
         Path | None,
-        typer.Option("--samples-out", help="Per-sample JSON Lines [default: the report path with .samples.jsonl]"),
+        _flag("--samples-out", "Per-sample JSON Lines [default: the report path with .samples.jsonl]"),
     ] = None,
     require_: Annotated[list[str] | None, _option(EvalOptions, "require", "--require")] = None,
     max_new_tokens: Annotated[int | None, _option(EvalOptions, "max_new_tokens")] = None,
@@ -378,7 +333,6 @@ def evaluate(
     debug: DebugOption = False,
 ) -> None:
     """Generation and likelihood metrics of a model (and a baseline) on data splits, with requirements."""
-    from kvwctl.checkpoint import ModelSpec
     from kvwctl.errors import KvwError
     from kvwctl.evaluate import run_eval
     from kvwctl.tables import eval_table
@@ -386,23 +340,8 @@ def evaluate(
     project = load_config(config)
     flags = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype, force=force)
     options = fill(EvalOptions, {**flags, "require": tuple(require_) if require_ else None}, project)
-    if model is None and project.source is not None:
-        model = str(project.workdir / "unlearned")
-        if not Path(model).is_dir():
-            raise UsageError(
-                "missing --model",
-                hint=f"pass --model, or run kvwctl apply first: eval's default model is its output {model}",
-            )
-        baseline = baseline or project.model
-    if model is None:
-        raise UsageError(
-            "missing --model", hint="pass --model; with a kvw.toml, eval defaults to <workdir>/unlearned (from apply)"
-        )
-    models = {"model": ModelSpec(model, _revision(revision, model, project))}
-    for role, name in (("baseline", baseline), ("reference", reference)):
-        if name is not None:
-            models[role] = ModelSpec(name, _revision(None, name, project))
-    splits = _parse_data_options(data) if data else dict(project.splits)
+    models = project.eval_models(model, revision, baseline=baseline, reference=reference)
+    splits = parse_named_paths(data, flag="--data") if data else dict(project.splits)
     if not splits:
         raise UsageError("missing --data", hint="pass --data NAME=FILE (repeatable) or set [splits] in kvw.toml")
     out = out or (project.workdir / "eval.json" if project.source is not None else Path("eval.json"))

@@ -23,9 +23,12 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvwctl.errors import KvwError, UsageError
+
+if TYPE_CHECKING:
+    from kvwctl.checkpoint import ModelSpec
 
 CONFIG_FILE_NAME = "kvw.toml"
 DEFAULT_WORKDIR = "kvw-run"
@@ -55,6 +58,43 @@ class ProjectConfig:
 
     def split(self, name: str) -> Path | None:
         return self.splits.get(name)
+
+    def revision_for(self, reference: str, flag: str | None) -> str | None:
+        """``--revision``, else kvw.toml's revision when the model is kvw.toml's model."""
+        return flag or (self.revision if reference == self.model else None)
+
+    def model_spec(self, flag: str | None, revision: str | None) -> ModelSpec:
+        """``--model`` (else kvw.toml's model, else a usage error) with its revision."""
+        from kvwctl.checkpoint import ModelSpec
+
+        reference = require(flag or self.model, flag="--model", key="model")
+        return ModelSpec(reference, self.revision_for(reference, revision))
+
+    def eval_models(
+        self, model: str | None, revision: str | None, *, baseline: str | None, reference: str | None
+    ) -> dict[str, ModelSpec]:
+        """The roles eval compares. With a kvw.toml and no ``--model``: apply's output
+        ``<workdir>/unlearned`` as the model and kvw.toml's model as the baseline."""
+        from kvwctl.checkpoint import ModelSpec
+
+        if model is None and self.source is not None:
+            model = str(self.workdir / "unlearned")
+            if not Path(model).is_dir():
+                raise UsageError(
+                    "missing --model",
+                    hint=f"pass --model, or run kvwctl apply first: eval's default model is its output {model}",
+                )
+            baseline = baseline or self.model
+        if model is None:
+            raise UsageError(
+                "missing --model",
+                hint="pass --model; with a kvw.toml, eval defaults to <workdir>/unlearned (from apply)",
+            )
+        models = {"model": ModelSpec(model, self.revision_for(model, revision))}
+        for role, name in (("baseline", baseline), ("reference", reference)):
+            if name is not None:
+                models[role] = ModelSpec(name, self.revision_for(name, None))
+        return models
 
 
 def load_config(path: Path | None, *, cwd: Path | None = None) -> ProjectConfig:
@@ -125,3 +165,18 @@ def require(value: Any, *, flag: str, key: str) -> Any:
             hint=f"pass {flag} or set {key} in {CONFIG_FILE_NAME}",
         )
     return value
+
+
+def parse_named_paths(values: list[str], *, flag: str) -> dict[str, Path]:
+    """``NAME=FILE`` values of a repeatable flag (``--data``) as an ordered name -> path mapping."""
+    paths: dict[str, Path] = {}
+    for value in values:
+        name, separator, path = value.partition("=")
+        if not separator or not name.strip() or not path.strip():
+            raise UsageError(
+                f"invalid {flag} {value!r}", hint=f"write {flag} NAME=FILE, e.g. {flag} forget=forget.jsonl"
+            )
+        if name.strip() in paths:
+            raise UsageError(f"{flag} names the split {name.strip()!r} twice")
+        paths[name.strip()] = Path(path.strip())
+    return paths
