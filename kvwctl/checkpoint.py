@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kvwctl.architectures import Architecture, get_architecture, num_decoder_layers
-from kvwctl.errors import KvwError, ModelError
+from kvwctl.errors import KvwError, ModelError, UsageError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -67,7 +67,7 @@ def resolve_model(reference: str, revision: str | None = None) -> ModelSource:
     local = Path(reference).expanduser()
     if local.is_dir():
         if revision is not None:
-            raise KvwError(
+            raise UsageError(
                 f"--revision {revision} was given but {reference} is a local directory",
                 hint="--revision applies to Hub ids only",
             )
