@@ -29,7 +29,6 @@ from kvwctl.errors import ModelError
 @dataclass(frozen=True)
 class Architecture:
     model_type: str
-    description: str
     multimodal: bool
     auto_class: str
     decoder_layers: str
@@ -49,10 +48,9 @@ class Architecture:
 _DOWN = r"\.layers\.(?P<layer>\d+)\.mlp\.down_proj\.weight"
 
 
-def _text_only(model_type: str, description: str) -> Architecture:
+def _text_only(model_type: str) -> Architecture:
     return Architecture(
         model_type=model_type,
-        description=description,
         multimodal=False,
         auto_class="AutoModelForCausalLM",
         decoder_layers="model.layers",
@@ -61,10 +59,9 @@ def _text_only(model_type: str, description: str) -> Architecture:
     )
 
 
-def _qwen_vl(model_type: str, description: str) -> Architecture:
+def _qwen_vl(model_type: str) -> Architecture:
     return Architecture(
         model_type=model_type,
-        description=description,
         multimodal=True,
         auto_class="AutoModelForImageTextToText",
         decoder_layers="model.language_model.layers",
@@ -79,7 +76,6 @@ REGISTRY: dict[str, Architecture] = {
     for architecture in (
         Architecture(
             model_type="llava",
-            description="LLaVA-1.5 (CLIP vision tower + LLaMA/Vicuna language model)",
             multimodal=True,
             auto_class="AutoModelForImageTextToText",
             decoder_layers="model.language_model.layers",
@@ -87,11 +83,11 @@ REGISTRY: dict[str, Architecture] = {
             # The Hub layout, then the layout of the transformers 5 module tree.
             disk_patterns=(r"language_model\.model" + _DOWN, r"model\.language_model" + _DOWN),
         ),
-        _qwen_vl("qwen2_vl", "Qwen2-VL"),
-        _qwen_vl("qwen2_5_vl", "Qwen2.5-VL"),
-        _text_only("llama", "LLaMA 2/3, SmolLM2, Vicuna"),
-        _text_only("qwen2", "Qwen2 / Qwen2.5"),
-        _text_only("mistral", "Mistral"),
+        _qwen_vl("qwen2_vl"),
+        _qwen_vl("qwen2_5_vl"),
+        _text_only("llama"),
+        _text_only("qwen2"),
+        _text_only("mistral"),
     )
 }
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kvwctl import __version__
 from kvwctl.checkpoint import Checkpoint
@@ -54,9 +54,6 @@ class Artifact:
     @property
     def num_layers(self) -> int:
         return int(self.metadata["num_layers"])
-
-    def json_field(self, name: str) -> Any:
-        return json.loads(self.metadata[name])
 
 
 def write_artifact(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

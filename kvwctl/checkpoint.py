@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kvwctl.architectures import Architecture, get_architecture, num_decoder_layers
-from kvwctl.errors import KvwError, ModelError, UsageError
+from kvwctl.errors import ModelError, UsageError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -153,10 +153,6 @@ class DownProjection:
     shape: tuple[int, ...]
     data_start: int  # absolute byte offset in the shard file
     data_end: int
-
-    @property
-    def num_vectors(self) -> int:
-        return self.shape[-1]
 
 
 @dataclass(frozen=True)

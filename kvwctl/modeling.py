@@ -46,11 +46,15 @@ def select_dtype(name: str, device: torch.device, config: dict[str, Any]) -> tor
     import torch
 
     if name != "auto":
-        return getattr(torch, name)
+        chosen: torch.dtype = getattr(torch, name)
+        return chosen
     if device.type == "cpu":
         return torch.float32
     stored = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
-    return getattr(torch, stored) if stored in ("float32", "bfloat16", "float16") else torch.bfloat16
+    if stored in ("float32", "bfloat16", "float16"):
+        stored_dtype: torch.dtype = getattr(torch, stored)
+        return stored_dtype
+    return torch.bfloat16
 
 
 @dataclass

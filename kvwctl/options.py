@@ -250,7 +250,7 @@ STAGE_OPTIONS: tuple[type, ...] = (ProfileOptions, AccessorOptions, ApplyOptions
 def help_text(cls: type, name: str) -> str:
     """The help of a field with its default and kvw.toml key, for the CLI."""
     item = next(item for item in dataclasses.fields(cls) if item.name == name)
-    text = item.metadata["help"]
+    text: str = item.metadata["help"]
     if _field_types(cls)[name] is bool:
         return text
     notes = []

@@ -7,15 +7,12 @@ shards, so every test that reads or writes weights crosses shard boundaries.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
+from helpers import MULTIMODAL, TEXT_ONLY
 
 from kvwctl.testing import build_checkpoint, write_samples
-
-MULTIMODAL = ("llava", "qwen2_vl", "qwen2_5_vl")
-TEXT_ONLY = ("llama", "qwen2", "mistral")
 
 
 @pytest.fixture(scope="session")
@@ -46,12 +43,3 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         text_path.write_text("".join(json.dumps(record) + "\n" for record in records if "image" not in record))
         splits[f"{name}-text"] = text_path
     return splits
-
-
-def split_for(model_type: str, data: dict[str, Path], name: str) -> Path:
-    return data[name] if model_type in MULTIMODAL else data[f"{name}-text"]
-
-
-def copy_checkpoint(source: Path, target: Path) -> Path:
-    shutil.copytree(source, target)
-    return target

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from conftest import MULTIMODAL, split_for
+from helpers import MULTIMODAL, split_for
 
 from kvwctl.accessor import run_accessor
-from kvwctl.apply import LayerEdit, run_apply
-from kvwctl.artifacts import ACCESSOR_FORMAT, read_artifact
+from kvwctl.apply import ApplyResult, LayerEdit, run_apply
+from kvwctl.artifacts import ACCESSOR_FORMAT, Artifact, read_artifact
 from kvwctl.checkpoint import MANIFEST_FILE, ModelSpec, open_checkpoint, read_safetensors_header, resolve_model
 from kvwctl.data import load_image
 from kvwctl.files import file_sha256
@@ -41,11 +42,14 @@ def load_tensor(checkpoint: Path, name: str) -> torch.Tensor:
 
     index = json.loads((checkpoint / "model.safetensors.index.json").read_text())
     with safe_open(str(checkpoint / index["weight_map"][name]), framework="pt") as stream:
-        return stream.get_tensor(name)
+        tensor: torch.Tensor = stream.get_tensor(name)
+    return tensor
 
 
 @pytest.fixture(scope="module")
-def pipelines(checkpoints, data, tmp_path_factory) -> dict[str, dict[str, Path]]:
+def pipelines(
+    checkpoints: dict[str, Path], data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, dict[str, Path]]:
     """Profiles and a batch-size-1 accessor for each model type."""
     result = {}
     for model_type in ("llava", "qwen2_vl", "qwen2"):
@@ -69,7 +73,9 @@ def pipelines(checkpoints, data, tmp_path_factory) -> dict[str, dict[str, Path]]
 
 
 @pytest.mark.parametrize("model_type", ["llava", "qwen2_vl"])
-def test_apply_byte_for_byte(model_type: str, checkpoints, pipelines, tmp_path: Path) -> None:
+def test_apply_byte_for_byte(
+    model_type: str, checkpoints: dict[str, Path], pipelines: dict[str, dict[str, Path]], tmp_path: Path
+) -> None:
     source = checkpoints[model_type]
     accessor = pipelines[model_type]["accessor"]
     gamma, layers = 0.7, [1, 2]
@@ -123,7 +129,9 @@ def test_apply_byte_for_byte(model_type: str, checkpoints, pipelines, tmp_path: 
     assert result.manifest.per_layer[1] == LayerEdit(**layer_one)
 
 
-def test_apply_module_layout(module_layout_checkpoints, pipelines, tmp_path: Path) -> None:
+def test_apply_module_layout(
+    module_layout_checkpoints: dict[str, Path], pipelines: dict[str, dict[str, Path]], tmp_path: Path
+) -> None:
     # The module-layout checkpoint holds the same weights, so the Hub-layout accessor fits it.
     source = module_layout_checkpoints["llava"]
     out = run_apply(
@@ -135,7 +143,9 @@ def test_apply_module_layout(module_layout_checkpoints, pipelines, tmp_path: Pat
     assert torch.equal(load_tensor(source, other), load_tensor(out, other))
 
 
-def test_bfloat16_checkpoint_is_rounded_once(checkpoints, pipelines, tmp_path: Path) -> None:
+def test_bfloat16_checkpoint_is_rounded_once(
+    checkpoints: dict[str, Path], pipelines: dict[str, dict[str, Path]], tmp_path: Path
+) -> None:
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoints["qwen2"], dtype=torch.bfloat16)
     source = tmp_path / "bf16"
     model.save_pretrained(source, max_shard_size="40KB")
@@ -158,6 +168,7 @@ def test_bfloat16_checkpoint_is_rounded_once(checkpoints, pipelines, tmp_path: P
 
 def generate(checkpoint: Path, model_type: str, image: Path | None) -> torch.Tensor:
     if model_type in MULTIMODAL:
+        assert image is not None
         processor = transformers.AutoProcessor.from_pretrained(checkpoint)
         model = transformers.AutoModelForImageTextToText.from_pretrained(checkpoint)
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Who is this person?"}]}]
@@ -171,12 +182,20 @@ def generate(checkpoint: Path, model_type: str, image: Path | None) -> torch.Ten
         )
         inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     with torch.inference_mode():
-        return model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        tokens: torch.Tensor = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    return tokens
 
 
 @pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "qwen2"])
 @pytest.mark.parametrize("mode", ["one-shot", "progressive"])
-def test_output_loads_and_generates(model_type: str, mode: str, checkpoints, pipelines, data, tmp_path: Path) -> None:
+def test_output_loads_and_generates(
+    model_type: str,
+    mode: str,
+    checkpoints: dict[str, Path],
+    pipelines: dict[str, dict[str, Path]],
+    data: dict[str, Path],
+    tmp_path: Path,
+) -> None:
     source = checkpoints[model_type]
     if mode == "one-shot":
         out = run_apply(
@@ -206,7 +225,16 @@ def test_output_loads_and_generates(model_type: str, mode: str, checkpoints, pip
     assert torch.equal(layers[2].mlp.down_proj.weight, load_tensor(out, checkpoint.down_projections[2].name))
 
 
-def progressive(model_type: str, checkpoints, pipelines, data, out: Path, *, gamma: float, layers: str):
+def progressive(
+    model_type: str,
+    checkpoints: dict[str, Path],
+    pipelines: dict[str, dict[str, Path]],
+    data: dict[str, Path],
+    out: Path,
+    *,
+    gamma: float,
+    layers: str,
+) -> tuple[ApplyResult, Artifact]:
     """A progressive run on the fixture data; returns its result and the exposure it applied."""
     result = run_progressive(
         ModelSpec(str(checkpoints[model_type])),
@@ -218,14 +246,16 @@ def progressive(model_type: str, checkpoints, pipelines, data, out: Path, *, gam
     return result, read_artifact(out.parent / f"{out.name}.exposure.safetensors", ACCESSOR_FORMAT)
 
 
-def assert_same_exposure(first, second, layers) -> None:
+def assert_same_exposure(first: Artifact, second: Artifact, layers: Iterable[int]) -> None:
     for layer in layers:
         torch.testing.assert_close(
             first.layer_tensor(layer, "exposure"), second.layer_tensor(layer, "exposure"), rtol=1e-6, atol=0
         )
 
 
-def test_progressive_equals_one_shot_when_gamma_is_zero(checkpoints, pipelines, data, tmp_path: Path) -> None:
+def test_progressive_equals_one_shot_when_gamma_is_zero(
+    checkpoints: dict[str, Path], pipelines: dict[str, dict[str, Path]], data: dict[str, Path], tmp_path: Path
+) -> None:
     result, applied = progressive("llava", checkpoints, pipelines, data, tmp_path / "p", gamma=0.0, layers=":")
     assert applied.metadata["mode"] == "progressive"
     assert_same_exposure(applied, read_artifact(pipelines["llava"]["accessor"], ACCESSOR_FORMAT), range(4))
@@ -234,7 +264,9 @@ def test_progressive_equals_one_shot_when_gamma_is_zero(checkpoints, pipelines, 
     assert result.manifest.mode == "progressive"
 
 
-def test_progressive_equals_one_shot_on_a_single_layer(checkpoints, pipelines, data, tmp_path: Path) -> None:
+def test_progressive_equals_one_shot_on_a_single_layer(
+    checkpoints: dict[str, Path], pipelines: dict[str, dict[str, Path]], data: dict[str, Path], tmp_path: Path
+) -> None:
     # Weakening layer 2 cannot change its own input, nor the layers before it: no feedback.
     source = checkpoints["qwen2_vl"]
     result, applied = progressive("qwen2_vl", checkpoints, pipelines, data, tmp_path / "p", gamma=2.0, layers="2")
@@ -248,7 +280,9 @@ def test_progressive_equals_one_shot_on_a_single_layer(checkpoints, pipelines, d
     assert json.loads(applied.metadata["applied_layers"]) == [2]
 
 
-def test_progressive_feedback_changes_later_layers(checkpoints, pipelines, data, tmp_path: Path) -> None:
+def test_progressive_feedback_changes_later_layers(
+    checkpoints: dict[str, Path], pipelines: dict[str, dict[str, Path]], data: dict[str, Path], tmp_path: Path
+) -> None:
     _, applied = progressive("qwen2_vl", checkpoints, pipelines, data, tmp_path / "p", gamma=5.0, layers="0:3")
     accessor = read_artifact(pipelines["qwen2_vl"]["accessor"], ACCESSOR_FORMAT)
     # Nothing before layer 0 is edited, so its coefficients never move; layer 3's do once the
@@ -258,7 +292,7 @@ def test_progressive_feedback_changes_later_layers(checkpoints, pipelines, data,
 
 
 def test_progressive_exposure_file_reproduces_the_progressive_checkpoint(
-    checkpoints, pipelines, data, tmp_path: Path
+    checkpoints: dict[str, Path], pipelines: dict[str, dict[str, Path]], data: dict[str, Path], tmp_path: Path
 ) -> None:
     source = checkpoints["llava"]
     result, _ = progressive("llava", checkpoints, pipelines, data, tmp_path / "p", gamma=1.5, layers="0:3")

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import copy_checkpoint
-from typer.testing import CliRunner
+from helpers import copy_checkpoint
+from typer.testing import CliRunner, Result
 
 from kvwctl.checkpoint import ModelSpec
 from kvwctl.cli import app
@@ -25,7 +25,7 @@ def torch_cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def invoke(*args: str | Path):
+def invoke(*args: str | Path) -> Result:
     return runner.invoke(app, [str(arg) for arg in args])
 
 
@@ -51,7 +51,9 @@ def test_help_shows_the_defaults_written_in_brackets() -> None:
     assert "[default: <workdir>/accessor.safetensors]" in text
 
 
-def test_pipeline_from_kvw_toml(checkpoints, data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pipeline_from_kvw_toml(
+    checkpoints: dict[str, Path], data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "kvw.toml").write_text(
         f'model = "{checkpoints["llava"]}"\nworkdir = "run"\n\n[splits]\n'
         f'forget = "{data["forget"]}"\nretain = "{data["retain"]}"\n'
@@ -75,7 +77,7 @@ def test_pipeline_from_kvw_toml(checkpoints, data, tmp_path: Path, monkeypatch: 
     assert (tmp_path / "run" / "unlearned" / "kvw_manifest.json").is_file()
 
 
-def test_pipeline_from_flags(checkpoints, data, tmp_path: Path) -> None:
+def test_pipeline_from_flags(checkpoints: dict[str, Path], data: dict[str, Path], tmp_path: Path) -> None:
     model = checkpoints["qwen2_vl"]
     r, f, a = tmp_path / "r.safetensors", tmp_path / "f.safetensors", tmp_path / "a.safetensors"
     assert invoke("profile", "--model", model, "--data", data["retain"], "--split", "retain", "--out", r).exit_code == 0
@@ -110,7 +112,7 @@ def test_pipeline_from_flags(checkpoints, data, tmp_path: Path) -> None:
     assert (tmp_path / "p.exposure.safetensors").is_file()
 
 
-def expect_error(result, message: str, exit_code: int = 1) -> None:
+def expect_error(result: Result, message: str, exit_code: int = 1) -> None:
     assert result.exit_code == exit_code, result.output
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.output
@@ -127,7 +129,9 @@ def test_unknown_config_key(tmp_path: Path) -> None:
     expect_error(invoke("accessor", "--config", tmp_path / "kvw.toml"), "unknown key 'modle'")
 
 
-def test_unknown_model_type_lists_supported(checkpoints, data, tmp_path: Path) -> None:
+def test_unknown_model_type_lists_supported(
+    checkpoints: dict[str, Path], data: dict[str, Path], tmp_path: Path
+) -> None:
     model = copy_checkpoint(checkpoints["qwen2"], tmp_path / "m")
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
@@ -138,7 +142,7 @@ def test_unknown_model_type_lists_supported(checkpoints, data, tmp_path: Path) -
     assert "llava, mistral, qwen2, qwen2_5_vl, qwen2_vl" in result.stderr.replace("\n", " ").replace("  ", " ")
 
 
-def test_bad_data_names_file_and_line(checkpoints, tmp_path: Path) -> None:
+def test_bad_data_names_file_and_line(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "Q?", "answer": "A"}\n{"question": "", "answer": "A"}\nnot json\n')
     result = invoke(
@@ -148,7 +152,9 @@ def test_bad_data_names_file_and_line(checkpoints, tmp_path: Path) -> None:
     assert f"{bad}:3: invalid JSON" in result.stderr
 
 
-def test_missing_and_unreadable_images_are_reported_before_model_work(checkpoints, tmp_path: Path) -> None:
+def test_missing_and_unreadable_images_are_reported_before_model_work(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
     (tmp_path / "broken.png").write_bytes(b"not a png")
     samples = tmp_path / "s.jsonl"
     samples.write_text(
@@ -162,7 +168,7 @@ def test_missing_and_unreadable_images_are_reported_before_model_work(checkpoint
     assert f"{samples}:2: image: {tmp_path / 'broken.png'} is not a readable image" in result.stderr
 
 
-def test_unlocatable_answer_names_the_sample(checkpoints, tmp_path: Path) -> None:
+def test_unlocatable_answer_names_the_sample(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     model = copy_checkpoint(checkpoints["qwen2"], tmp_path / "m")
     template = (model / "chat_template.jinja").read_text()
     (model / "chat_template.jinja").write_text(
@@ -174,7 +180,7 @@ def test_unlocatable_answer_names_the_sample(checkpoints, tmp_path: Path) -> Non
     expect_error(result, "cannot locate the answer of sample 'upper-1'")
 
 
-def test_images_for_a_text_only_model(checkpoints, data, tmp_path: Path) -> None:
+def test_images_for_a_text_only_model(checkpoints: dict[str, Path], data: dict[str, Path], tmp_path: Path) -> None:
     result = invoke(
         "profile",
         "--model",
@@ -189,8 +195,10 @@ def test_images_for_a_text_only_model(checkpoints, data, tmp_path: Path) -> None
     expect_error(result, "the model is text-only and cannot take images")
 
 
-def test_invalid_options(checkpoints, data, tmp_path: Path) -> None:
-    base = ["profile", "--model", checkpoints["qwen2"], "--data", data["retain-text"], "--out", tmp_path / "r"]
+def test_invalid_options(checkpoints: dict[str, Path], data: dict[str, Path], tmp_path: Path) -> None:
+    base: list[str | Path] = [
+        "profile", "--model", checkpoints["qwen2"], "--data", data["retain-text"], "--out", tmp_path / "r"
+    ]  # fmt: skip
     expect_error(
         invoke(*base, "--split", "retain", "--positions", "every"),
         "--positions must be one of answer, answer-tokens, all, got 'every'",
@@ -200,13 +208,17 @@ def test_invalid_options(checkpoints, data, tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(torch_cuda_available(), reason="asserts that CUDA is not available")
-def test_cuda_device_without_cuda(checkpoints, data, tmp_path: Path) -> None:
-    base = ["profile", "--model", checkpoints["qwen2"], "--data", data["retain-text"], "--out", tmp_path / "r"]
+def test_cuda_device_without_cuda(checkpoints: dict[str, Path], data: dict[str, Path], tmp_path: Path) -> None:
+    base: list[str | Path] = [
+        "profile", "--model", checkpoints["qwen2"], "--data", data["retain-text"], "--out", tmp_path / "r"
+    ]  # fmt: skip
     expect_error(invoke(*base, "--split", "retain", "--device", "cuda:0"), "CUDA is not available")
 
 
 @pytest.fixture(scope="module")
-def profiles(checkpoints, data, tmp_path_factory) -> dict[str, Path]:
+def profiles(
+    checkpoints: dict[str, Path], data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli-profiles")
     paths = {}
     for model_type in ("qwen2", "llama"):
@@ -236,14 +248,14 @@ def profiles(checkpoints, data, tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def test_accessor_refuses_profiles_of_different_models(profiles, tmp_path: Path) -> None:
+def test_accessor_refuses_profiles_of_different_models(profiles: dict[str, Path], tmp_path: Path) -> None:
     result = invoke(
         "accessor", "--forget", profiles["qwen2-forget"], "--retain", profiles["llama-retain"], "--out", tmp_path / "a"
     )
     expect_error(result, "were made from different models")
 
 
-def test_accessor_refuses_wrong_formats_and_splits(profiles, tmp_path: Path) -> None:
+def test_accessor_refuses_wrong_formats_and_splits(profiles: dict[str, Path], tmp_path: Path) -> None:
     result = invoke(
         "accessor",
         "--forget",
@@ -263,7 +275,7 @@ def test_accessor_refuses_wrong_formats_and_splits(profiles, tmp_path: Path) -> 
     )
 
 
-def test_apply_errors(checkpoints, profiles, tmp_path: Path) -> None:
+def test_apply_errors(checkpoints: dict[str, Path], profiles: dict[str, Path], tmp_path: Path) -> None:
     accessor = profiles["qwen2-accessor"]
     expect_error(
         invoke("apply", "--model", checkpoints["llama"], "--accessor", accessor, "--out", tmp_path / "o"),
@@ -297,11 +309,15 @@ def test_apply_errors(checkpoints, profiles, tmp_path: Path) -> None:
     assert usage.exit_code == 2 and "--retain applies to --progressive only" in usage.output
 
 
-def test_apply_refuses_existing_output_and_replaces_it_with_force(checkpoints, profiles, tmp_path: Path) -> None:
+def test_apply_refuses_existing_output_and_replaces_it_with_force(
+    checkpoints: dict[str, Path], profiles: dict[str, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "o"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    args = ["apply", "--model", checkpoints["qwen2"], "--accessor", profiles["qwen2-accessor"], "--out", out]
+    args: list[str | Path] = [
+        "apply", "--model", checkpoints["qwen2"], "--accessor", profiles["qwen2-accessor"], "--out", out
+    ]  # fmt: skip
     expect_error(invoke(*args), "already exists")
     assert (out / "old.txt").is_file()
     assert invoke(*args, "--force").exit_code == 0
@@ -309,18 +325,20 @@ def test_apply_refuses_existing_output_and_replaces_it_with_force(checkpoints, p
     assert [path.name for path in tmp_path.iterdir()] == ["o"]  # no staging directories left behind
 
 
-def test_failed_apply_leaves_nothing_half_written(checkpoints, profiles, tmp_path: Path, monkeypatch) -> None:
+def test_failed_apply_leaves_nothing_half_written(
+    checkpoints: dict[str, Path], profiles: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import kvwctl.apply
+    from kvwctl.checkpoint import copy_patched_shard
 
-    calls = []
+    calls: list[Path] = []
 
-    def failing_copy(source, target, patches):
+    def failing_copy(source: Path, target: Path, patches: dict[tuple[int, int], bytes]) -> None:
         calls.append(source)
         if len(calls) == 3:
             raise OSError("disk full")
-        return original(source, target, patches)
+        copy_patched_shard(source, target, patches)
 
-    original = kvwctl.apply.copy_patched_shard
     monkeypatch.setattr(kvwctl.apply, "copy_patched_shard", failing_copy)
     with pytest.raises(OSError):
         kvwctl.apply.run_apply(
@@ -332,10 +350,12 @@ def test_failed_apply_leaves_nothing_half_written(checkpoints, profiles, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_interrupt_exits_130(checkpoints, profiles, tmp_path: Path, monkeypatch) -> None:
+def test_interrupt_exits_130(
+    checkpoints: dict[str, Path], profiles: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import kvwctl.accessor
 
-    def interrupted(*args, **kwargs):
+    def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(kvwctl.accessor, "run_accessor", interrupted)
@@ -368,7 +388,9 @@ def test_entry_point_exit_codes(tmp_path: Path) -> None:
     assert usage.returncode == 2
 
 
-def test_accessor_refuses_profiles_of_different_positions(checkpoints, data, profiles, tmp_path: Path) -> None:
+def test_accessor_refuses_profiles_of_different_positions(
+    checkpoints: dict[str, Path], data: dict[str, Path], profiles: dict[str, Path], tmp_path: Path
+) -> None:
     all_positions = tmp_path / "f-all.safetensors"
     made = invoke(
         "profile", "--model", checkpoints["qwen2"], "--data", data["forget-text"], "--split", "forget",
@@ -381,7 +403,9 @@ def test_accessor_refuses_profiles_of_different_positions(checkpoints, data, pro
     expect_error(result, "profiles positions 'all' but")
 
 
-def test_revision_is_refused_for_a_local_directory(checkpoints, profiles, tmp_path: Path) -> None:
+def test_revision_is_refused_for_a_local_directory(
+    checkpoints: dict[str, Path], profiles: dict[str, Path], tmp_path: Path
+) -> None:
     result = invoke(
         "apply", "--model", checkpoints["qwen2"], "--revision", "v1", "--accessor", profiles["qwen2-accessor"],
         "--out", tmp_path / "o",
@@ -389,7 +413,9 @@ def test_revision_is_refused_for_a_local_directory(checkpoints, profiles, tmp_pa
     expect_error(result, "is a local directory")
 
 
-def test_progressive_refuses_a_forget_profile_as_retain(checkpoints, data, profiles, tmp_path: Path) -> None:
+def test_progressive_refuses_a_forget_profile_as_retain(
+    checkpoints: dict[str, Path], data: dict[str, Path], profiles: dict[str, Path], tmp_path: Path
+) -> None:
     result = invoke(
         "apply", "--model", checkpoints["qwen2"], "--progressive", "--forget-data", data["forget-text"],
         "--retain", profiles["qwen2-forget"], "--out", tmp_path / "o",
@@ -447,7 +473,7 @@ def test_error_messages_are_plain_text_not_markup(tmp_path: Path) -> None:
 
 
 def test_interrupt_wrapped_in_another_exception_exits_130(
-    checkpoints, profiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    checkpoints: dict[str, Path], profiles: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import kvwctl.accessor
 

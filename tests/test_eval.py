@@ -8,22 +8,24 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import jsonlines
 import pytest
 import torch
 import transformers
-from conftest import copy_checkpoint
-from typer.testing import CliRunner
+from helpers import copy_checkpoint
+from typer.testing import CliRunner, Result
 
-from kvwctl.checkpoint import open_checkpoint, resolve_model
+from kvwctl.checkpoint import ModelSpec, open_checkpoint, resolve_model
 from kvwctl.cli import app
 from kvwctl.console import NullTracker
-from kvwctl.data import load_image, load_samples
+from kvwctl.conversation import ChatRenderer
+from kvwctl.data import Sample, load_image, load_samples
 from kvwctl.evaluate import default_samples_path, generate_answers, run_eval
 from kvwctl.files import file_sha256
 from kvwctl.metrics import METRICS, keyword_accuracy, rouge_l, summarize
-from kvwctl.modeling import encode_prompts, load_model
+from kvwctl.modeling import LoadedModel, encode_prompts, load_model
 from kvwctl.options import EvalOptions
 from kvwctl.report import EVAL_FORMAT
 from kvwctl.testing import build_checkpoint
@@ -31,7 +33,7 @@ from kvwctl.testing import build_checkpoint
 runner = CliRunner()
 
 
-def invoke(*args: str | Path):
+def invoke(*args: str | Path) -> Result:
     return runner.invoke(app, [str(arg) for arg in args])
 
 
@@ -42,7 +44,7 @@ def test_default_samples_path() -> None:
 
 # --- generation and scores on tiny models --------------------------------------------------------
 
-TEXT_SAMPLES = [
+TEXT_SAMPLES: list[dict[str, Any]] = [
     {"id": "t0", "question": "Where was Mira Okafor born?", "answer": "Lagos", "keywords": ["Lagos"],
      "options": ["Seville", "Lagos", "Busan"]},
     {"id": "t1", "question": "Who is Tomas Ruiz? Where was he born, and in which year was he born?",
@@ -55,7 +57,7 @@ TEXT_SAMPLES = [
 ]  # fmt: skip
 
 
-def write_jsonl(path: Path, records: list[dict]) -> Path:
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return path
 
@@ -76,17 +78,19 @@ def other_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_checkpoint("qwen2", tmp_path_factory.mktemp("other") / "qwen2", seed=1)
 
 
-def load(checkpoint: Path):
+def load(checkpoint: Path) -> LoadedModel:
     return load_model(open_checkpoint(resolve_model(str(checkpoint))), device=torch.device("cpu"), dtype=torch.float32)
 
 
 @pytest.mark.parametrize(("model_type", "split"), [("llava", "forget"), ("qwen2_vl", "forget"), ("llama", "all")])
-def test_batched_left_padded_generation_equals_one_at_a_time(model_type, split, checkpoints, data, eval_data) -> None:
+def test_batched_left_padded_generation_equals_one_at_a_time(
+    model_type: str, split: str, checkpoints: dict[str, Path], data: dict[str, Path], eval_data: dict[str, Path]
+) -> None:
     samples = load_samples(data[split] if split in data else eval_data[split])
     loaded = load(checkpoints[model_type])
-    kwargs = dict(max_new_tokens=5, tracker=NullTracker(), description="generate")
-    one = generate_answers(loaded, samples, batch_size=1, **kwargs)
-    four = generate_answers(loaded, samples, batch_size=4, **kwargs)
+    tracker = NullTracker()
+    one = generate_answers(loaded, samples, batch_size=1, max_new_tokens=5, tracker=tracker, description="generate")
+    four = generate_answers(loaded, samples, batch_size=4, max_new_tokens=5, tracker=tracker, description="generate")
     assert one == four
     assert all(one) and len(set(one)) > 1  # real, differing generations, not empty strings
     lengths = {
@@ -95,7 +99,9 @@ def test_batched_left_padded_generation_equals_one_at_a_time(model_type, split, 
     assert len(lengths) > 1  # the prompts (images expanded) differ in length: batches of 4 are padded
 
 
-def independent_answer_logprob(model, processor, tokenizer, renderer, sample) -> float:
+def independent_answer_logprob(
+    model: Any, processor: Any, tokenizer: Any, renderer: ChatRenderer, sample: Sample
+) -> float:
     """Mean log p(answer token) from one unpadded forward pass over the ChatML conversation.
 
     ChatML renders ``…<|im_start|>assistant\\n{answer}<|im_end|>\\n``: the answer tokens are the
@@ -118,7 +124,9 @@ def independent_answer_logprob(model, processor, tokenizer, renderer, sample) ->
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen2_vl"])
-def test_answer_logprob_matches_a_plain_forward_pass(model_type, checkpoints, data, eval_data, tmp_path) -> None:
+def test_answer_logprob_matches_a_plain_forward_pass(
+    model_type: str, checkpoints: dict[str, Path], data: dict[str, Path], eval_data: dict[str, Path], tmp_path: Path
+) -> None:
     split = eval_data["all"] if model_type == "qwen2" else data["forget"]
     result = run_eval(
         {"model": _spec(checkpoints[model_type])},
@@ -152,9 +160,7 @@ def test_answer_logprob_matches_a_plain_forward_pass(model_type, checkpoints, da
             assert recorded[sample.id]["mc_acc"] is None and recorded[sample.id]["mc_choice"] is None
 
 
-def _spec(path: Path):
-    from kvwctl.checkpoint import ModelSpec
-
+def _spec(path: Path) -> ModelSpec:
     return ModelSpec(str(path))
 
 
@@ -174,7 +180,9 @@ PASSING_REQUIREMENTS = [
 ]
 
 
-def eval_args(checkpoints, other_qwen2, reference_qwen2, eval_data, out: Path) -> list[str | Path]:
+def eval_args(
+    checkpoints: dict[str, Path], other_qwen2: Path, reference_qwen2: Path, eval_data: dict[str, Path], out: Path
+) -> list[str | Path]:
     args: list[str | Path] = [
         "eval", "--model", other_qwen2, "--baseline", checkpoints["qwen2"], "--reference", reference_qwen2,
         "--data", f"qa={eval_data['qa']}", "--data", f"facts={eval_data['facts']}",
@@ -186,7 +194,13 @@ def eval_args(checkpoints, other_qwen2, reference_qwen2, eval_data, out: Path) -
 
 
 @pytest.fixture(scope="module")
-def report_run(checkpoints, other_qwen2, reference_qwen2, eval_data, tmp_path_factory):
+def report_run(
+    checkpoints: dict[str, Path],
+    other_qwen2: Path,
+    reference_qwen2: Path,
+    eval_data: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Result, Path]:
     out = tmp_path_factory.mktemp("eval-run") / "first" / "eval.json"
     args = eval_args(checkpoints, other_qwen2, reference_qwen2, eval_data, out)
     result = runner.invoke(app, [str(arg) for arg in [*args, "--json"]], env={"COLUMNS": "80"})
@@ -194,7 +208,13 @@ def report_run(checkpoints, other_qwen2, reference_qwen2, eval_data, tmp_path_fa
     return result, out
 
 
-def test_report_schema(report_run, checkpoints, other_qwen2, reference_qwen2, eval_data) -> None:
+def test_report_schema(
+    report_run: tuple[Result, Path],
+    checkpoints: dict[str, Path],
+    other_qwen2: Path,
+    reference_qwen2: Path,
+    eval_data: dict[str, Path],
+) -> None:
     result, out = report_run
     report = json.loads(out.read_text())
     assert list(report) == [
@@ -237,7 +257,7 @@ def test_report_schema(report_run, checkpoints, other_qwen2, reference_qwen2, ev
     assert summary["results"] == report["results"]
 
 
-def test_samples_file(report_run) -> None:
+def test_samples_file(report_run: tuple[Result, Path]) -> None:
     _, out = report_run
     report = json.loads(out.read_text())
     records = list(jsonlines.open(out.parent / "eval.samples.jsonl"))
@@ -270,7 +290,12 @@ def test_samples_file(report_run) -> None:
 
 
 def test_report_is_byte_identical_across_runs(
-    report_run, checkpoints, other_qwen2, reference_qwen2, eval_data, tmp_path
+    report_run: tuple[Result, Path],
+    checkpoints: dict[str, Path],
+    other_qwen2: Path,
+    reference_qwen2: Path,
+    eval_data: dict[str, Path],
+    tmp_path: Path,
 ) -> None:
     _, first = report_run
     second = tmp_path / "second" / "eval.json"
@@ -285,7 +310,7 @@ def test_report_is_byte_identical_across_runs(
     expect_error(again, "already exists")
 
 
-def test_table_shows_every_model_and_the_ratio_to_the_baseline(report_run) -> None:
+def test_table_shows_every_model_and_the_ratio_to_the_baseline(report_run: tuple[Result, Path]) -> None:
     result, out = report_run  # on an 80-column console
     results = json.loads(out.read_text())["results"]
     lines = result.stderr.splitlines()
@@ -302,14 +327,16 @@ def test_table_shows_every_model_and_the_ratio_to_the_baseline(report_run) -> No
     assert "requirement qa.keyword_acc <= 1 passed" in result.stderr
 
 
-def expect_error(result, message: str, exit_code: int = 1) -> None:
+def expect_error(result: Result, message: str, exit_code: int = 1) -> None:
     assert result.exit_code == exit_code, result.output
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.output
     assert result.stdout == ""
 
 
-def test_failing_requirement_exits_1_after_writing_the_report(checkpoints, other_qwen2, eval_data, tmp_path) -> None:
+def test_failing_requirement_exits_1_after_writing_the_report(
+    checkpoints: dict[str, Path], other_qwen2: Path, eval_data: dict[str, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "eval.json"
     result = invoke(
         "eval", "--model", other_qwen2, "--baseline", checkpoints["qwen2"], "--data", f"qa={eval_data['qa']}",
@@ -344,13 +371,15 @@ def test_failing_requirement_exits_1_after_writing_the_report(checkpoints, other
         (["--data", "q.a=other.jsonl"], "invalid split name 'q.a'"),
     ],
 )
-def test_usage_errors_come_before_any_model_work(extra, message, eval_data, tmp_path) -> None:
+def test_usage_errors_come_before_any_model_work(
+    extra: list[str], message: str, eval_data: dict[str, Path], tmp_path: Path
+) -> None:
     missing_model = tmp_path / "no" / "such" / "model"  # loading it would fail with exit 1
     result = invoke("eval", "--model", missing_model, "--data", f"qa={eval_data['qa']}", *extra)
     expect_error(result, message, exit_code=2)
 
 
-def test_requirement_on_a_metric_without_values(data, tmp_path) -> None:
+def test_requirement_on_a_metric_without_values(data: dict[str, Path], tmp_path: Path) -> None:
     result = invoke(
         "eval", "--model", tmp_path / "missing", "--data", f"retain={data['retain-text']}",
         "--require", "retain.mc_acc >= 0.5", "--out", tmp_path / "e.json",
@@ -359,7 +388,7 @@ def test_requirement_on_a_metric_without_values(data, tmp_path) -> None:
     assert not (tmp_path / "e.json").exists()
 
 
-def test_answer_not_among_options_names_file_and_line(tmp_path) -> None:
+def test_answer_not_among_options_names_file_and_line(tmp_path: Path) -> None:
     samples = write_jsonl(
         tmp_path / "s.jsonl",
         [TEXT_SAMPLES[0], {"question": "Q?", "answer": "Lagos", "options": ["lagos", "Lima"]},
@@ -372,7 +401,7 @@ def test_answer_not_among_options_names_file_and_line(tmp_path) -> None:
 
 
 def test_defaults_from_kvw_toml_evaluate_apply_output_against_the_model(
-    checkpoints, data, tmp_path, monkeypatch
+    checkpoints: dict[str, Path], data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "kvw.toml").write_text(
         f'model = "{checkpoints["llava"]}"\nworkdir = "run"\nmax_new_tokens = 2\nbatch_size = 3\n\n[splits]\n'
@@ -394,7 +423,9 @@ def test_defaults_from_kvw_toml_evaluate_apply_output_against_the_model(
     assert (tmp_path / "run" / "eval.samples.jsonl").is_file()
 
 
-def test_text_only_model_refuses_image_samples(checkpoints, data, tmp_path) -> None:
+def test_text_only_model_refuses_image_samples(
+    checkpoints: dict[str, Path], data: dict[str, Path], tmp_path: Path
+) -> None:
     result = invoke(
         "eval", "--model", checkpoints["qwen2"], "--data", f"forget={data['forget']}", "--out", tmp_path / "e"
     )

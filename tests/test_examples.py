@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -15,7 +16,7 @@ SCRIPT = DATA.parent / "make_data.py"
 
 
 @pytest.fixture(scope="module")
-def make_data():
+def make_data() -> ModuleType:
     spec = importlib.util.spec_from_file_location("make_data", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -23,7 +24,7 @@ def make_data():
     return module
 
 
-def test_data_is_what_the_seeded_script_writes(make_data, tmp_path: Path) -> None:
+def test_data_is_what_the_seeded_script_writes(make_data: ModuleType, tmp_path: Path) -> None:
     make_data.main(tmp_path)
     written = sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*") if path.is_file())
     committed = sorted(

@@ -40,13 +40,13 @@ def kvwctl(*args: str | Path, cache: Path, cwd: Path) -> subprocess.CompletedPro
 
 
 @pytest.fixture(scope="module")
-def cache(checkpoints, tmp_path_factory) -> Path:
+def cache(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("hub-cache")
     populate_cache(root / "hub", checkpoints["llava"])
     return root / "hub"
 
 
-def test_hub_id_is_resolved_from_the_cache_offline(cache: Path, data, tmp_path: Path) -> None:
+def test_hub_id_is_resolved_from_the_cache_offline(cache: Path, data: dict[str, Path], tmp_path: Path) -> None:
     retain = kvwctl(
         "profile",
         "--model",

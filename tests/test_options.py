@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvwctl.config import load_config
+from kvwctl.config import ProjectConfig, load_config
 from kvwctl.errors import KvwError, UsageError
 from kvwctl.options import (
     STAGE_OPTIONS,
@@ -21,7 +21,7 @@ from kvwctl.options import (
 )
 
 
-def project_with(tmp_path: Path, text: str) -> object:
+def project_with(tmp_path: Path, text: str) -> ProjectConfig:
     path = tmp_path / "kvw.toml"
     path.write_text(text)
     return load_config(path)

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import MULTIMODAL, split_for
+from helpers import MULTIMODAL, copy_checkpoint, split_for
 
 from kvwctl.artifacts import PROFILE_FORMAT, read_artifact
 from kvwctl.checkpoint import ModelSpec, open_checkpoint, resolve_model
 from kvwctl.conversation import ChatRenderer
 from kvwctl.data import Sample, load_image, load_samples
-from kvwctl.modeling import encode_batch, load_model
+from kvwctl.modeling import LoadedModel, encode_batch, load_model
 from kvwctl.options import ProfileOptions
 from kvwctl.profile import run_profile
 from kvwctl.testing import LLAVA_TEMPLATE, MISTRAL_TEMPLATE, byte_level_tokenizer, sentencepiece_tokenizer
@@ -71,7 +71,9 @@ def independent_sums(checkpoint: Path, samples: list[Sample], mode: str) -> tupl
 
 
 @pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "qwen2_5_vl", "llama", "qwen2", "mistral"])
-def test_forget_profile_matches_independent_hooks(model_type: str, checkpoints, data, tmp_path: Path) -> None:
+def test_forget_profile_matches_independent_hooks(
+    model_type: str, checkpoints: dict[str, Path], data: dict[str, Path], tmp_path: Path
+) -> None:
     split = split_for(model_type, data, "forget")
     out = run_profile(
         ModelSpec(str(checkpoints[model_type])),
@@ -89,7 +91,7 @@ def test_forget_profile_matches_independent_hooks(model_type: str, checkpoints, 
 
 
 @pytest.mark.parametrize("mode", ["answer", "answer-tokens", "all"])
-def test_position_modes(mode: str, checkpoints, data, tmp_path: Path) -> None:
+def test_position_modes(mode: str, checkpoints: dict[str, Path], data: dict[str, Path], tmp_path: Path) -> None:
     out = run_profile(
         ModelSpec(str(checkpoints["llava"])),
         data["forget"],
@@ -105,7 +107,9 @@ def test_position_modes(mode: str, checkpoints, data, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("model_type", ["llava", "qwen2_vl"])
-def test_batching_and_padding_do_not_change_sums(model_type: str, checkpoints, data, tmp_path: Path) -> None:
+def test_batching_and_padding_do_not_change_sums(
+    model_type: str, checkpoints: dict[str, Path], data: dict[str, Path], tmp_path: Path
+) -> None:
     # Five samples of different lengths, with and without images: batch size 4 pads heavily.
     single = run_profile(
         ModelSpec(str(checkpoints[model_type])),
@@ -127,7 +131,9 @@ def test_batching_and_padding_do_not_change_sums(model_type: str, checkpoints, d
         )
 
 
-def test_retain_profile_pools_sums_and_counts(checkpoints, data, tmp_path: Path) -> None:
+def test_retain_profile_pools_sums_and_counts(
+    checkpoints: dict[str, Path], data: dict[str, Path], tmp_path: Path
+) -> None:
     forget_style = run_profile(
         ModelSpec(str(checkpoints["qwen2"])),
         data["retain-text"],
@@ -151,10 +157,10 @@ def test_retain_profile_pools_sums_and_counts(checkpoints, data, tmp_path: Path)
         torch.testing.assert_close(pooled.layer_tensor(layer, "sum"), per_sample.layer_tensor(layer, "sum").sum(dim=0))
 
 
-def test_tokenizer_without_pad_token_still_batches(checkpoints, data, tmp_path: Path) -> None:
+def test_tokenizer_without_pad_token_still_batches(
+    checkpoints: dict[str, Path], data: dict[str, Path], tmp_path: Path
+) -> None:
     import json
-
-    from conftest import copy_checkpoint
 
     model = copy_checkpoint(checkpoints["qwen2"], tmp_path / "m")
     config_path = model / "tokenizer_config.json"
@@ -181,7 +187,9 @@ def test_tokenizer_without_pad_token_still_batches(checkpoints, data, tmp_path: 
         )
 
 
-def test_profile_metadata_records_how_it_was_made(checkpoints, data, tmp_path: Path) -> None:
+def test_profile_metadata_records_how_it_was_made(
+    checkpoints: dict[str, Path], data: dict[str, Path], tmp_path: Path
+) -> None:
     result = run_profile(
         ModelSpec(str(checkpoints["llava"])), data["retain"], tmp_path / "r.safetensors", ProfileOptions(split="retain")
     )
@@ -200,14 +208,14 @@ def test_profile_metadata_records_how_it_was_made(checkpoints, data, tmp_path: P
 # --- the sequence the model sees --------------------------------------------------------------------
 
 
-def _loaded(checkpoints, model_type: str):
+def _loaded(checkpoints: dict[str, Path], model_type: str) -> LoadedModel:
     return load_model(
         open_checkpoint(resolve_model(str(checkpoints[model_type]))), device=torch.device("cpu"), dtype=torch.float32
     )
 
 
 @pytest.mark.parametrize("model_type", ["llava", "llama", "mistral", "qwen2_vl"])
-def test_exactly_one_bos(model_type: str, checkpoints, data) -> None:
+def test_exactly_one_bos(model_type: str, checkpoints: dict[str, Path], data: dict[str, Path]) -> None:
     loaded = _loaded(checkpoints, model_type)
     renderer = loaded.renderer
     samples = load_samples(split_for(model_type, data, "forget"))
@@ -275,7 +283,9 @@ def test_multimodal_content_is_a_list_of_parts_and_text_only_a_string() -> None:
     assert text_only == [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "Ade"}]
 
 
-def test_module_layout_gives_the_same_profile(checkpoints, module_layout_checkpoints, data, tmp_path: Path) -> None:
+def test_module_layout_gives_the_same_profile(
+    checkpoints: dict[str, Path], module_layout_checkpoints: dict[str, Path], data: dict[str, Path], tmp_path: Path
+) -> None:
     for model_type in MULTIMODAL:
         hub = run_profile(
             ModelSpec(str(checkpoints[model_type])),

@@ -46,7 +46,7 @@ def load_example(name: str) -> ModuleType:
 def cache() -> Path:
     """The examples cache, holding the converted checkpoint (downloaded and converted if need be)."""
     smollm2 = load_example("smollm2")
-    cache = smollm2.default_cache()
+    cache: Path = smollm2.default_cache()
     if (cache / "smollm2-135m-instruct" / "model.safetensors").is_file():
         return cache
     # Fail fast when offline: one retry, a short timeout.

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 from rich.table import Table
 
-from kvwctl.accessor import AccessorResult, LayerSummary
+from kvwctl.accessor import AccessorResult
+from kvwctl.method import LayerSummary
 from kvwctl.tables import accessor_table, apply_table
 
 
