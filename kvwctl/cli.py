@@ -345,7 +345,7 @@ def evaluate(
     if not splits:
         raise UsageError("missing --data", hint="pass --data NAME=FILE (repeatable) or set [splits] in kvw.toml")
     out = out or (project.workdir / "eval.json" if project.source is not None else Path("eval.json"))
-    shown = {role: spec.reference for role, spec in models.items()}
+    shown: dict[str, object] = {role: spec.reference for role, spec in models.items()}
     shown |= {f"data {name}": path for name, path in splits.items()}
     settings = {key: value for key, value in vars(options).items() if key not in ("require", "force")}
     _show_inputs("eval", {**shown, "out": out, **settings})

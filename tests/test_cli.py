@@ -410,7 +410,7 @@ def test_revision_is_refused_for_a_local_directory(
         "apply", "--model", checkpoints["qwen2"], "--revision", "v1", "--accessor", profiles["qwen2-accessor"],
         "--out", tmp_path / "o",
     )  # fmt: skip
-    expect_error(result, "is a local directory")
+    expect_error(result, "is a local directory", exit_code=2)
 
 
 def test_progressive_refuses_a_forget_profile_as_retain(
