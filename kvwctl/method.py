@@ -231,7 +231,7 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
     last = num_layers - 1
     selected: set[int] = set()
     for start, end in layer_ranges(spec):
-        for number in range(start, (last if end is None else end) + 1):
+        for number in range(start, max(start, last if end is None else end) + 1):  # "20:" checks 20
             if number > last:
                 raise UsageError(
                     f"layer {number} in {spec!r} is out of range",
@@ -243,6 +243,6 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
 
 def _layer_number(text: str, spec: str) -> int:
     text = text.strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # "²" and "٣" are str.isdigit() too
         raise UsageError(f"invalid layer selection {spec!r}: {text!r} is not a layer number")
     return int(text)
