@@ -35,9 +35,9 @@ from kvwctl.checkpoint import (
     resolve_model,
 )
 from kvwctl.console import NullTracker, Tracker
-from kvwctl.errors import ArtifactError
+from kvwctl.errors import ArtifactError, ModelError
 from kvwctl.files import check_output_dir, file_sha256, now, staged_output_dir, write_json_atomically
-from kvwctl.method import gates, parse_layers, scale_vectors, tensor_bytes
+from kvwctl.method import check_gamma, gates, parse_layers, scale_vectors, tensor_bytes
 from kvwctl.options import ApplyOptions
 
 if TYPE_CHECKING:
@@ -123,9 +123,15 @@ def write_weakened_checkpoint(
     provenance: dict[str, Any],
     tracker: Tracker,
 ) -> ApplyResult:
-    """Stream the input shards one at a time, weaken the chosen layers, write ``out`` atomically."""
+    """Stream the input shards one at a time, weaken the chosen layers, write ``out`` atomically.
+
+    Refuses, before writing anything, a ``gamma`` for which ``gamma * E`` overflows float32, and
+    refuses the whole checkpoint if an edited weight has a NaN or an infinity.
+    """
+    import torch
     from safetensors import safe_open
 
+    check_gamma(gamma, exposures, layers)
     axis = checkpoint.architecture.vector_axis
     edits = {layer: checkpoint.down_projections[layer] for layer in layers}
     layer_edits: dict[int, LayerEdit] = {}
@@ -141,6 +147,13 @@ def write_weakened_checkpoint(
                         weight = stream.get_tensor(projection.name)
                         gate = gates(exposures[projection.layer].to(device), gamma)  # (m,)
                         weakened = scale_vectors(weight, gate, axis=axis)
+                        if not bool(torch.isfinite(weakened).all()):
+                            already = " (the input weight already has them)" if not torch.isfinite(weight).all() else ""
+                            raise ModelError(
+                                f"refusing to write {out}: the edited weight {projection.name} in {shard} "
+                                f"has non-finite values{already}",
+                                hint="check the input checkpoint's weights",
+                            )
                         patches[(projection.data_start, projection.data_end)] = tensor_bytes(weakened)
                         layer_edits[projection.layer] = LayerEdit(
                             tensor=projection.name,
@@ -199,6 +212,7 @@ def run_apply(
                 f"{checkpoint.num_vectors(layer)} knowledge vectors"
             )
         exposures.append(exposure)
+    check_gamma(options.gamma, exposures, selected)
     provenance = {
         "mode": "one-shot",
         "accessor": {

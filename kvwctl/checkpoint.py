@@ -129,17 +129,44 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ModelSource:
 
 
 def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """The header of a safetensors file: (byte offset where tensor data begins, header dict)."""
+    """The header of a safetensors file: (byte offset where tensor data begins, header dict).
+
+    Whatever the bytes, a file that is not a safetensors file is a ``ModelError``: a header length
+    beyond the file (2^63 included), a header that is not a JSON object, or an entry without a
+    dtype, a shape or data offsets inside the file.
+    """
+    size = path.stat().st_size
     with path.open("rb") as stream:
         prefix = stream.read(8)
         if len(prefix) != 8:
             raise ModelError(f"{path} is not a safetensors file (too short)")
         (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > size - 8:
+            raise ModelError(f"{path} is not a safetensors file (header length {header_size} exceeds the file)")
         try:
             header = json.loads(stream.read(header_size))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # JSON and UTF-8 errors are ValueErrors
             raise ModelError(f"{path} is not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path} is not a safetensors file (the header is not a JSON object)")
+    data_size = size - 8 - header_size
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not _valid_entry(entry, data_size):
+            raise ModelError(f"{path}: the header entry of tensor {name!r} is invalid or points outside the file")
     return 8 + header_size, header
+
+
+def _valid_entry(entry: Any, data_size: int) -> bool:
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+        return False
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(size, int) and size >= 0 for size in shape):
+        return False
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(offset, int) for offset in offsets):
+        return False
+    return bool(0 <= offsets[0] <= offsets[1] <= data_size)
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ def _register(function: F, *, name: str | None) -> F:
 def _emit(path: Path, summary: dict[str, Any], as_json: bool) -> None:
     """The command's result on stdout: its output path, or the whole summary as JSON."""
     if as_json:
-        typer.echo(json.dumps({"path": str(path), **summary}, indent=2, default=str))
+        typer.echo(json.dumps({"path": str(path), **summary}, indent=2, default=str, allow_nan=False))
     else:
         typer.echo(str(path))
 
@@ -352,6 +352,12 @@ def evaluate(
     with console.progress_tracker() as tracker:
         result = run_eval(models, splits, out, options, samples_out=samples_out, tracker=tracker)
     console.show(eval_table(result.report))
+    if result.report.non_finite:
+        console.error(
+            "non-finite (NaN or infinite) metrics, recorded as null: " + ", ".join(result.report.non_finite),
+            hint="the model gives NaN or infinite log-probabilities; check its weights",
+            label="Warning:",
+        )
     for outcome in result.report.requirements:
         console.info(f"requirement {outcome.describe()}")
     console.info(f"Wrote {result.path} and {result.samples_path}")

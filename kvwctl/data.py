@@ -6,7 +6,8 @@
 ``image`` is optional (a path relative to the JSONL file, or a list of paths); ``question`` and
 ``answer`` are required and non-empty; ``id``, ``keywords`` and ``options`` are optional. Unknown
 fields are kept and ignored. The whole file is validated, images included, before any model work,
-and every problem is reported as ``file:line: field: problem``.
+and every problem is reported as ``file:line: field: problem``; a line that is not UTF-8 or not
+JSON is such a problem too, never a traceback, whatever the bytes.
 """
 
 from __future__ import annotations
@@ -38,15 +39,23 @@ def load_samples(path: Path) -> list[Sample]:
     samples: list[Sample] = []
     problems: list[str] = []
     seen_ids: dict[str, str] = {}
-    with path.open(encoding="utf-8") as stream:
-        for line_number, line in enumerate(stream, start=1):
+    with path.open("rb") as stream:
+        for line_number, raw in enumerate(stream, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                problems.append(f"{where}: not UTF-8 text (byte {raw[error.start]:#04x} at column {error.start + 1})")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{line_number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 problems.append(f"{where}: invalid JSON: {error.msg}")
+                continue
+            except (ValueError, RecursionError) as error:  # an integer of 5000 digits, [[[[… nested too deep
+                problems.append(f"{where}: invalid JSON: {str(error) or type(error).__name__}")
                 continue
             if not isinstance(record, dict):
                 problems.append(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -86,7 +95,12 @@ def _parse_record(
     image_paths = []
     for image in images:
         image_path = base / image
-        if not image_path.is_file():
+        try:
+            exists = image_path.is_file()
+        except OSError as error:  # e.g. a name too long for the filesystem
+            problems.append(f"{where}: image: {image!r} cannot be opened: {error.strerror}")
+            continue
+        if not exists:
             problems.append(f"{where}: image: {image_path} does not exist")
         elif not _is_image(image_path):
             problems.append(f"{where}: image: {image_path} is not a readable image")

@@ -18,6 +18,7 @@ the same inputs give the same bytes.
 from __future__ import annotations
 
 import gc
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -34,6 +35,7 @@ from kvwctl.metrics import (
     METRICS,
     Results,
     choose_option,
+    finite_or_none,
     keyword_targets,
     mean_token_logprobs,
     normalize_words,
@@ -342,7 +344,10 @@ def _settings(max_new_tokens: int, batch_size: int, device: torch.device, dtype:
 def _write_samples(path: Path, per_sample: dict[str, dict[str, list[SampleResult]]]) -> None:
     import jsonlines
 
-    with atomic_file(path) as temporary, jsonlines.open(temporary, mode="w", compact=True) as writer:
+    def dumps(obj: Any) -> str:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+    with atomic_file(path) as temporary, jsonlines.open(temporary, mode="w", dumps=dumps) as writer:
         for role, splits in per_sample.items():
             for split, results in splits.items():
                 for result in results:
@@ -355,7 +360,12 @@ def _write_samples(path: Path, per_sample: dict[str, dict[str, list[SampleResult
                             "question": sample.question,
                             "answer": sample.answer,
                             "generation": result.generation,
-                            **result.metrics,
+                            **{name: finite_or_none(value) for name, value in result.metrics.items()},
                             "mc_choice": result.mc_choice,
+                            "non_finite": [
+                                name
+                                for name, value in result.metrics.items()
+                                if value is not None and finite_or_none(value) is None
+                            ],
                         }
                     )

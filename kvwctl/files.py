@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -116,17 +117,55 @@ def write_json_atomically(out: Path, obj: Any, *, ensure_ascii: bool = False) ->
     """Write ``obj`` as indented JSON plus a final newline through ``atomic_file``.
 
     ``ensure_ascii=False`` keeps non-ASCII text readable (reports); pass ``True`` where a file's
-    bytes have always been written with ``\\uXXXX`` escapes (the output manifest).
+    bytes have always been written with ``\\uXXXX`` escapes (the output manifest). NaN and
+    infinities are refused (``ValueError``), never written as the non-JSON ``NaN``/``Infinity``:
+    callers turn a non-finite number into null, and say so, before writing.
     """
-    write_text_atomically(out, json.dumps(obj, indent=2, ensure_ascii=ensure_ascii) + "\n")
+    write_text_atomically(out, json.dumps(obj, indent=2, ensure_ascii=ensure_ascii, allow_nan=False) + "\n")
 
 
 def save_safetensors_atomically(tensors: dict[str, Any], out: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file through a temporary file and ``os.replace``."""
+    """Write a safetensors file through a temporary file and ``os.replace``, reproducibly.
+
+    safetensors serialises the metadata map in a per-process random (hash) order, so the same
+    tensors and metadata would give different bytes from one run to the next. The header is
+    rewritten with the metadata keys sorted (:func:`canonical_safetensors_header`), then read back.
+    """
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
     with atomic_file(out) as temporary:
         save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, temporary, metadata=metadata)
+        canonical_safetensors_header(temporary)
+        with safe_open(str(temporary), framework="pt") as stream:
+            if (stream.metadata() or {}) != metadata or set(stream.keys()) != set(tensors):
+                raise AssertionError(f"{temporary}: the rewritten safetensors header does not read back")
+
+
+def canonical_safetensors_header(path: Path) -> None:
+    """Rewrite a safetensors file's header with ``__metadata__`` first and its keys sorted.
+
+    Tensor entries keep safetensors' own (deterministic) order and their data offsets, which are
+    relative to the end of the header, so only the header bytes change. The JSON is compact, as
+    safetensors writes it, and padded with spaces to a multiple of 8 bytes. When its length is
+    unchanged (the usual case) the header is overwritten in place, else the file is rewritten.
+    """
+    with path.open("r+b") as stream:
+        (length,) = struct.unpack("<Q", stream.read(8))
+        header = json.loads(stream.read(length))
+        metadata = header.pop("__metadata__", None)
+        ordered = ({"__metadata__": dict(sorted(metadata.items()))} if metadata is not None else {}) | header
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        text += b" " * (-len(text) % 8)
+        if len(text) == length:
+            stream.seek(8)
+            stream.write(text)
+            return
+        stream.seek(8 + length)
+        data = stream.read()
+        stream.seek(0)
+        stream.write(struct.pack("<Q", len(text)) + text + data)
+        stream.truncate()
 
 
 @contextmanager

@@ -24,6 +24,9 @@ Gates and scaling
     ``g = exp(-gamma * E)`` in float32 (:func:`gates`); vector ``i`` becomes ``g_i * v_i``,
     computed in float32 from the original weight and rounded once to its stored dtype
     (:func:`scale_vectors`). :func:`tensor_bytes` gives the bytes safetensors stores for it.
+    ``gamma * E`` must stay a finite float32 (:func:`check_gamma`): an infinite product would
+    turn ``0 * inf`` into NaN weights, so ``gamma`` and ``gamma * max(E)`` are both bounded by
+    ``FLOAT32_MAX``.
 
 Layer selections
     ``l_s:l_e`` is inclusive at both ends and 0-based over the language-model decoder layers;
@@ -44,6 +47,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -53,6 +57,7 @@ if TYPE_CHECKING:
     import torch
 
 EPSILON = 1e-12
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
 # --- coefficients and the accessor ---------------------------------------------------------------
@@ -129,6 +134,31 @@ def summarize_exposures(exposures: list[torch.Tensor]) -> list[LayerSummary]:
 # --- gates and scaling ---------------------------------------------------------------------------
 
 
+def gamma_problem(gamma: float) -> str | None:
+    """What makes ``gamma`` unusable as a float32 factor, or None (for the option check)."""
+    if gamma > FLOAT32_MAX:
+        return f"must be at most {FLOAT32_MAX:.8g} (the largest float32), got {gamma!r}"
+    return None
+
+
+def check_gamma(gamma: float, exposures: Sequence[torch.Tensor], layers: Sequence[int]) -> None:
+    """Refuse a ``gamma`` for which ``gamma * E`` of an edited layer is not a finite float32.
+
+    The product is taken in float64, so an overflow is seen before float32 would hide it as inf.
+    """
+    problem = gamma_problem(gamma)
+    if problem is not None:
+        raise UsageError(f"--gamma {problem}")
+    for layer in layers:
+        largest = float(exposures[layer].double().max()) if exposures[layer].numel() else 0.0
+        if not gamma * largest <= FLOAT32_MAX:  # also refuses a NaN
+            raise UsageError(
+                f"--gamma {gamma!r} times the largest exposure of layer {layer} ({largest:.6g}) is "
+                f"{gamma * largest:.6g}, beyond the largest float32 ({FLOAT32_MAX:.6g})",
+                hint="choose a smaller --gamma: exp(-gamma * E) must be computed in float32",
+            )
+
+
 def gates(exposure: torch.Tensor, gamma: float) -> torch.Tensor:
     """``g = exp(-gamma * E)`` in float32."""
     return (exposure.float() * -gamma).exp()
@@ -201,7 +231,7 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
     last = num_layers - 1
     selected: set[int] = set()
     for start, end in layer_ranges(spec):
-        for number in range(start, (last if end is None else end) + 1):
+        for number in range(start, max(start, last if end is None else end) + 1):  # "20:" checks 20
             if number > last:
                 raise UsageError(
                     f"layer {number} in {spec!r} is out of range",
@@ -213,6 +243,6 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
 
 def _layer_number(text: str, spec: str) -> int:
     text = text.strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # "²" and "٣" are str.isdigit() too
         raise UsageError(f"invalid layer selection {spec!r}: {text!r} is not a layer number")
     return int(text)

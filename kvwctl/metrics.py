@@ -19,13 +19,16 @@ gives, teacher-forced, to the answer and to each option (see ``kvwctl.evaluate``
   log-probability (ties: the first, ``choose_option``) is the answer, else 0.
 
 Over a split, each metric is summarised (``summarize``) as the mean over the samples that have it
-and their count: ``mc_acc`` counts only samples with options, and a mean of nothing is None.
+and their count: ``mc_acc`` counts only samples with options, and a mean of nothing is None. A
+broken model can give a NaN or infinite value (``answer_logprob`` of a model with NaN weights): the
+mean is then None too, ``non_finite`` counts those samples, and every requirement on it fails.
 torch is imported only inside ``mean_token_logprobs``; the rest is plain Python.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import string
 import unicodedata
 from collections.abc import Sequence
@@ -147,6 +150,7 @@ class MetricSummary:
 
     mean: float | None
     count: int
+    non_finite: int = 0  # samples whose value is NaN or infinite; the mean is then None
 
     def to_json(self) -> dict[str, Any]:
         return {"mean": self.mean, "count": self.count}
@@ -157,6 +161,13 @@ Results = dict[str, dict[str, dict[str, MetricSummary]]]
 
 
 def summarize(values: Sequence[float | None]) -> MetricSummary:
-    """The mean and count of the values that exist (a mean of nothing is None)."""
+    """The mean and count of the values that exist (a mean of nothing, or with a NaN or inf, is None)."""
     present = [value for value in values if value is not None]
-    return MetricSummary(mean=sum(present) / len(present) if present else None, count=len(present))
+    non_finite = sum(1 for value in present if not math.isfinite(value))
+    mean = sum(present) / len(present) if present and not non_finite else None
+    return MetricSummary(mean=mean, count=len(present), non_finite=non_finite)
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """``value``, or None when it is missing, NaN or infinite (JSON has no NaN or Infinity)."""
+    return value if value is not None and math.isfinite(value) else None

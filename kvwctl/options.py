@@ -75,6 +75,12 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _gamma_problem(value: float) -> str | None:
+    from kvwctl.method import gamma_problem
+
+    return gamma_problem(value)
+
+
 def _device_problem(value: str) -> str | None:
     return None if _DEVICE.match(value) else f"must be {DEVICE_CHOICES}, got {value!r}"
 
@@ -188,7 +194,7 @@ class ApplyOptions:
     ``batch_size`` and ``dtype`` are used by ``--progressive`` only (one-shot apply runs no model).
     """
 
-    gamma: float = option(0.02, "Weakening strength", key="gamma", minimum=0)
+    gamma: float = option(0.02, "Weakening strength", key="gamma", minimum=0, check=_gamma_problem)
     layers: str = option(
         ":",
         "Decoder layers, inclusive and 0-based: 2:26, :26, 2:, 0,3,5",

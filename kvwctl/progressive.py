@@ -37,10 +37,11 @@ from kvwctl.artifacts import (
 from kvwctl.checkpoint import ModelSpec, open_checkpoint, resolve_model
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.data import load_samples
-from kvwctl.errors import ArtifactError
+from kvwctl.errors import ArtifactError, ModelError
 from kvwctl.files import check_output_dir, check_output_file, file_sha256
 from kvwctl.method import (
     batch_ranges,
+    check_gamma,
     forget_accessor,
     gates,
     parse_layers,
@@ -106,7 +107,15 @@ def run_progressive(
             sums, counts = collector.run(loaded, encoded)
             for layer, layer_sums in enumerate(sums):
                 accessor = forget_accessor(pooled_coefficient(layer_sums, counts), retain_by_layer[layer])
+                if not bool(torch.isfinite(accessor).all()):
+                    ids = ", ".join(sample.id for sample in samples[batch.start : batch.stop])
+                    raise ModelError(
+                        f"forget batch {batch.start // batch_size} (samples {ids}) gives non-finite "
+                        f"knowledge coefficients in layer {layer}",
+                        hint="the model produces NaN or infinite activations; check its weights",
+                    )
                 cumulative[layer] += accessor
+            check_gamma(gamma, cumulative, selected)  # before E's gates are computed
             with torch.no_grad():
                 for layer in selected:
                     gate = gates(cumulative[layer], gamma)

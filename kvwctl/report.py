@@ -4,7 +4,8 @@
     report.to_json()                                         # exactly what eval.json holds
 
 Code reads the typed fields; ``to_json`` gives the file, key order included (it has no
-timestamps, so the same inputs give the same bytes). Format 2 renamed format 1's ``gates`` to
+timestamps, so the same inputs give the same bytes). A metric with a NaN or infinite value has a
+null mean and is listed in ``non_finite`` as ``role.split.metric``; the file never holds NaN. Format 2 renamed format 1's ``gates`` to
 ``requirements`` and each outcome's ``gate`` key to ``requirement``; nothing else changed.
 """
 
@@ -77,6 +78,17 @@ class EvalReport:
     tool_version: str = __version__
 
     @property
+    def non_finite(self) -> list[str]:
+        """``role.split.metric`` of every summary with a NaN or infinite sample value."""
+        return [
+            f"{role}.{split}.{metric}"
+            for role, splits in self.results.items()
+            for split, metrics in splits.items()
+            for metric, summary in metrics.items()
+            if summary.non_finite
+        ]
+
+    @property
     def failed(self) -> list[RequirementOutcome]:
         return [outcome for outcome in self.requirements if not outcome.passed]
 
@@ -95,6 +107,7 @@ class EvalReport:
                 }
                 for role, splits in self.results.items()
             },
+            "non_finite": self.non_finite,
             "requirements": [outcome.to_json() for outcome in self.requirements],
             "samples_sha256": self.samples_sha256,
         }

@@ -11,11 +11,15 @@ split and metric of that model. Requirements are checked in three steps: their s
 when parsed, their splits and models before any data is read (``validate_requirements``), that
 their metric has values once the splits are loaded (``check_requirements_have_values``) — all before
 any model work — and finally their outcome on the results (``check_requirements``). Failing one is
-left to the caller (the CLI exits 1).
+left to the caller (the CLI exits 1). A requirement fails, whatever its operator, when its value or
+threshold is not a finite number, and also when the model it reads has *any* non-finite metric on
+that split: a model that gives NaN log-probabilities generates garbage, and garbage has a low
+keyword accuracy, so ``forget.keyword_acc <= 0.1`` must not pass on it.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -61,21 +65,33 @@ class Requirement:
     factor: float = 1.0
     role: str | None = None
 
-    def threshold(self, results: Results) -> float:
+    def threshold(self, results: Results) -> float | None:
+        """The threshold; None when the compared model's value is not a finite number."""
         if self.role is None:
             return self.constant
-        return self.factor * _metric_mean(results, self.role, self.split, self.metric) + self.constant
+        value = _metric_mean(results, self.role, self.split, self.metric)
+        if value is None:
+            return None
+        threshold = self.factor * value + self.constant
+        return threshold if math.isfinite(threshold) else None
 
 
 @dataclass(frozen=True)
 class RequirementOutcome:
     requirement: Requirement
-    value: float
-    threshold: float
+    value: float | None  # None: the model's value is not a finite number (the requirement failed)
+    threshold: float | None  # None: the threshold is not a finite number (the requirement failed)
     passed: bool
 
     def describe(self) -> str:
         """``TEXT passed: VALUE OP THRESHOLD``, or ``TEXT failed: …`` with the negated operator."""
+        requirement = self.requirement
+        if self.value is None or self.threshold is None:
+            role = "model" if self.value is None else requirement.role
+            return (
+                f"{requirement.text} failed: the {role} has non-finite (NaN or infinite) results on "
+                f"{requirement.split}, so {requirement.split}.{requirement.metric} cannot be trusted"
+            )
         if self.passed:
             return f"{self.requirement.text} passed: {self.value:.6g} {self.requirement.operator} {self.threshold:.6g}"
         negation = _NEGATIONS[self.requirement.operator]
@@ -115,6 +131,8 @@ def parse_requirement(text: str) -> Requirement:
         offset = float(expression["offset"]) if expression["offset"] is not None else 0.0
         constant = -offset if expression["sign"] == "-" else offset
         factor = float(expression["factor"]) if expression["factor"] is not None else 1.0
+    if not (math.isfinite(constant) and math.isfinite(factor)):
+        raise UsageError(f"invalid --require {text!r}: a number is too large", hint="numbers must be finite")
     return Requirement(
         text=stripped,
         split=match["split"],
@@ -160,13 +178,16 @@ def check_requirements(requirements: Sequence[Requirement], results: Results) ->
     for requirement in requirements:
         value = _metric_mean(results, "model", requirement.split, requirement.metric)
         threshold = requirement.threshold(results)
-        passed = _OPERATORS[requirement.operator](value, threshold)
+        passed = value is not None and threshold is not None and _OPERATORS[requirement.operator](value, threshold)
         outcomes.append(RequirementOutcome(requirement, value, threshold, passed))
     return outcomes
 
 
-def _metric_mean(results: Results, role: str, split: str, metric: str) -> float:
+def _metric_mean(results: Results, role: str, split: str, metric: str) -> float | None:
+    """The mean of a metric; None when any metric of ``role`` on ``split`` has a non-finite value."""
     summary = results[role][split][metric]
+    if any(other.non_finite for other in results[role][split].values()):
+        return None
     if summary.mean is None:
         raise KvwError(f"{split}.{metric} of the {role} has no value: no sample of {split} has it")
     return summary.mean

@@ -75,6 +75,8 @@ def eval_table(report: EvalReport) -> Table:
         table.add_column(f"{'ref' if role == 'reference' else role}/base", justify="right", no_wrap=True)
 
     def number(summary: MetricSummary) -> str:
+        if summary.non_finite:
+            return "non-finite"
         return "-" if summary.mean is None else f"{summary.mean:.4f}"
 
     def ratio(summary: MetricSummary, baseline: MetricSummary) -> str:

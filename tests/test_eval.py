@@ -218,7 +218,8 @@ def test_report_schema(
     result, out = report_run
     report = json.loads(out.read_text())
     assert list(report) == [
-        "format", "tool_version", "models", "data", "settings", "metrics", "results", "requirements", "samples_sha256",
+        "format", "tool_version", "models", "data", "settings", "metrics", "results", "non_finite", "requirements",
+        "samples_sha256",
     ]  # fmt: skip
     assert report["format"] == EVAL_FORMAT
     for role, path in (("model", other_qwen2), ("baseline", checkpoints["qwen2"]), ("reference", reference_qwen2)):
@@ -267,7 +268,7 @@ def test_samples_file(report_run: tuple[Result, Path]) -> None:
         ("model", "facts", "t3"), ("model", "facts", "t4"), ("baseline", "qa", "t0"),
     ]  # fmt: skip
     assert list(records[0]) == [
-        "role", "split", "id", "question", "answer", "generation", *METRICS, "mc_choice",
+        "role", "split", "id", "question", "answer", "generation", *METRICS, "mc_choice", "non_finite",
     ]  # fmt: skip
     by_id = {sample["id"]: sample for sample in TEXT_SAMPLES}
     for record in records:
