@@ -17,7 +17,7 @@ into place at the end, with ``kvw_manifest.json`` recording how it was made.
 
 from __future__ import annotations
 
-import json
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,11 +32,19 @@ from kvwctl.checkpoint import (
     carry_over_files,
     copy_patched_shard,
     open_checkpoint,
+    read_json_object,
     resolve_model,
 )
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.errors import ArtifactError, ModelError
-from kvwctl.files import check_output_dir, file_sha256, now, staged_output_dir, write_json_atomically
+from kvwctl.files import (
+    StagedOutputs,
+    check_output_dir,
+    committed_together,
+    file_sha256,
+    now,
+    write_json_atomically,
+)
 from kvwctl.method import check_gamma, gates, parse_layers, scale_vectors, tensor_bytes
 from kvwctl.options import ApplyOptions
 
@@ -122,11 +130,14 @@ def write_weakened_checkpoint(
     input_fingerprint: str,
     provenance: dict[str, Any],
     tracker: Tracker,
+    outputs: StagedOutputs | None = None,
 ) -> ApplyResult:
     """Stream the input shards one at a time, weaken the chosen layers, write ``out`` atomically.
 
     Refuses, before writing anything, a ``gamma`` for which ``gamma * E`` overflows float32, and
-    refuses the whole checkpoint if an edited weight has a NaN or an infinity.
+    refuses the whole checkpoint if an edited weight has a NaN or an infinity. With ``outputs``
+    the checkpoint is staged there and renamed into place when the caller's
+    ``committed_together`` block ends, together with the other outputs staged in it.
     """
     import torch
     from safetensors import safe_open
@@ -136,7 +147,10 @@ def write_weakened_checkpoint(
     edits = {layer: checkpoint.down_projections[layer] for layer in layers}
     layer_edits: dict[int, LayerEdit] = {}
     shard_hashes: dict[str, str] = {}
-    with staged_output_dir(out, force=force) as staging:
+    with ExitStack() as stack:
+        if outputs is None:
+            outputs = stack.enter_context(committed_together())
+        staging = outputs.directory(out, force=force)
         left_out = carry_over_files(checkpoint.path, staging, skip={*checkpoint.shards, MANIFEST_FILE})
         for shard in tracker.track(checkpoint.shards, total=len(checkpoint.shards), description="apply"):
             patches: dict[tuple[int, int], bytes] = {}
@@ -181,7 +195,7 @@ def write_weakened_checkpoint(
             shards=shard_hashes,
             not_carried_over=left_out,
             output_fingerprint=open_checkpoint(ModelSource(staging, str(staging), None)).fingerprint(),
-            previous_manifest=json.loads(previous.read_text()) if previous.is_file() else None,
+            previous_manifest=read_json_object(previous) if previous.is_file() else None,
         )
         write_json_atomically(staging / MANIFEST_FILE, manifest.to_json(), ensure_ascii=True)
     return ApplyResult(path=out, manifest=manifest)

@@ -110,3 +110,13 @@ def num_decoder_layers(config: dict[str, Any]) -> int:
     if isinstance(config.get("num_hidden_layers"), int):
         return int(config["num_hidden_layers"])
     raise ModelError("config.json gives no num_hidden_layers for the language model")
+
+
+def context_length(config: dict[str, Any]) -> int | None:
+    """The language model's context in tokens (``max_position_embeddings``), if config.json gives it."""
+    text_config = config.get("text_config")
+    for source in (text_config if isinstance(text_config, dict) else {}, config):
+        value = source.get("max_position_embeddings")
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None

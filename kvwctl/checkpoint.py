@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import struct
 from dataclasses import dataclass, field
@@ -128,45 +129,95 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ModelSource:
     return ModelSource(path=path, reference=repo_id, revision=path.name)
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file (config, index, manifest) that must hold one JSON object."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ModelError(f"{path} is not UTF-8 text", hint=_CORRUPT_HINT) from None
+    except json.JSONDecodeError as error:
+        raise ModelError(f"{path} is not valid JSON: {error}", hint=_CORRUPT_HINT) from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{path} must be a JSON object, got {type(value).__name__}", hint=_CORRUPT_HINT)
+    return value
+
+
+_CORRUPT_HINT = "the checkpoint is corrupt or incomplete: download or save it again"
+# Bytes per element of every safetensors dtype.
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}  # fmt: skip
+MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
+
+
 def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
     """The header of a safetensors file: (byte offset where tensor data begins, header dict).
 
-    Whatever the bytes, a file that is not a safetensors file is a ``ModelError``: a header length
-    beyond the file (2^63 included), a header that is not a JSON object, or an entry without a
-    dtype, a shape or data offsets inside the file.
+    The header is checked whole, so that what transformers later loads is what was checked:
+    a length that fits the file, a JSON object, and for every tensor a known dtype, a shape and
+    data offsets whose byte count matches them, inside the file and overlapping no other tensor.
+    Whatever the bytes, a file that is not a safetensors file is a ``ModelError``.
     """
     size = path.stat().st_size
     with path.open("rb") as stream:
         prefix = stream.read(8)
         if len(prefix) != 8:
-            raise ModelError(f"{path} is not a safetensors file (too short)")
+            raise ModelError(f"{path} is not a safetensors file (too short)", hint=_CORRUPT_HINT)
         (header_size,) = struct.unpack("<Q", prefix)
-        if header_size > size - 8:
-            raise ModelError(f"{path} is not a safetensors file (header length {header_size} exceeds the file)")
+        if header_size > min(size - 8, MAX_HEADER_BYTES):
+            raise ModelError(
+                f"{path} is not a safetensors file: its header length {header_size} does not fit a "
+                f"file of {size} bytes",
+                hint=_CORRUPT_HINT,
+            )
         try:
-            header = json.loads(stream.read(header_size))
+            header = json.loads(stream.read(header_size).decode("utf-8"))
         except (ValueError, RecursionError):  # JSON and UTF-8 errors are ValueErrors
-            raise ModelError(f"{path} is not a safetensors file (bad header)") from None
+            raise ModelError(f"{path} is not a safetensors file (bad header)", hint=_CORRUPT_HINT) from None
     if not isinstance(header, dict):
-        raise ModelError(f"{path} is not a safetensors file (the header is not a JSON object)")
+        raise ModelError(f"{path} is not a safetensors file (its header is not a JSON object)", hint=_CORRUPT_HINT)
     data_size = size - 8 - header_size
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if not _valid_entry(entry, data_size):
-            raise ModelError(f"{path}: the header entry of tensor {name!r} is invalid or points outside the file")
+    ranges = sorted(
+        (_tensor_range(path, name, entry, data_size), name) for name, entry in header.items() if name != "__metadata__"
+    )
+    for ((_, previous_end), previous), ((begin, _), name) in zip(ranges, ranges[1:], strict=False):
+        if begin < previous_end:
+            raise ModelError(f"{path}: the bytes of tensors {previous} and {name} overlap", hint=_CORRUPT_HINT)
     return 8 + header_size, header
 
 
-def _valid_entry(entry: Any, data_size: int) -> bool:
-    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
-        return False
-    shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(size, int) and size >= 0 for size in shape):
-        return False
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(offset, int) for offset in offsets):
-        return False
-    return bool(0 <= offsets[0] <= offsets[1] <= data_size)
+def _tensor_range(path: Path, name: str, entry: Any, data_size: int) -> tuple[int, int]:
+    """A header entry's ``data_offsets``, checked against its dtype and shape and the file's size."""
+    where = f"{path}: tensor {name}"
+    if not isinstance(entry, dict):
+        raise ModelError(f"{where}: its header entry is not a JSON object", hint=_CORRUPT_HINT)
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise ModelError(f"{where}: unknown dtype {dtype!r}", hint=_CORRUPT_HINT)
+    if not isinstance(shape, list) or not all(_natural(value) for value in shape):
+        raise ModelError(f"{where}: shape {shape!r} is not a list of non-negative integers", hint=_CORRUPT_HINT)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_natural(value) for value in offsets)):
+        raise ModelError(f"{where}: data_offsets {offsets!r} are not two byte offsets", hint=_CORRUPT_HINT)
+    begin, end = offsets
+    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    if end - begin != expected:
+        raise ModelError(
+            f"{where}: data_offsets [{begin}, {end}] hold {end - begin} bytes; "
+            f"{dtype} of shape {shape} needs {expected}",
+            hint=_CORRUPT_HINT,
+        )
+    if end > data_size:
+        raise ModelError(
+            f"{where} ends at byte {end} of the data but the file holds {data_size}: the file is truncated",
+            hint=_CORRUPT_HINT,
+        )
+    return begin, end
+
+
+def _natural(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass(frozen=True)
@@ -226,7 +277,7 @@ def open_checkpoint(source: ModelSource) -> Checkpoint:
     config_path = source.path / "config.json"
     if not config_path.is_file():
         raise ModelError(f"{source.path} has no config.json; it is not a transformers checkpoint")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_json_object(config_path)
     architecture = get_architecture(config.get("model_type"))
     shards = _shard_files(source.path)
     projections: dict[int, DownProjection] = {}
@@ -270,8 +321,12 @@ def open_checkpoint(source: ModelSource) -> Checkpoint:
 def _shard_files(path: Path) -> list[str]:
     index_path = path / INDEX_FILE
     if index_path.is_file():
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        shards = sorted(set(index.get("weight_map", {}).values()))
+        weight_map = read_json_object(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+            raise ModelError(
+                f"{index_path}: weight_map must be an object of tensor name -> shard file", hint=_CORRUPT_HINT
+            )
+        shards = sorted(set(weight_map.values()))
         missing = [shard for shard in shards if not (path / shard).is_file()]
         if missing:
             raise ModelError(f"{path}: shards listed in {INDEX_FILE} are missing: {', '.join(missing)}")

@@ -10,7 +10,9 @@ Option values come from the flag, else ``KVW_<KEY>``, else kvw.toml, else the de
 stage's options dataclass declares (``kvwctl.options``); help texts show those defaults. stdout
 carries only results (the output path, or JSON with ``--json``); messages, tables and progress
 bars go to stderr. Exit codes follow the one rule in ``kvwctl.errors`` (0, 1 bad input or failed
-check, 2 usage, 130 interrupted), applied in the single catch site below. Nothing ever prompts.
+check, 2 usage, 130 interrupted, 143/129 SIGTERM/SIGHUP), applied in the single catch site below;
+while a command runs, SIGTERM and SIGHUP raise ``errors.Terminated`` so that outputs are cleaned
+up exactly as on Ctrl-C. Nothing ever prompts.
 This is the only module that imports typer; torch is imported only inside command bodies
 (through the stages), so ``kvwctl --help`` is instant.
 """
@@ -19,15 +21,19 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any, TypeVar
 
 import typer
 
 from kvwctl import __version__, console
 from kvwctl.config import load_config, parse_named_paths, require
-from kvwctl.errors import EXIT_INTERRUPTED, UsageError, exit_code_for
+from kvwctl.errors import Terminated, UsageError, exit_code_for, interruption
 from kvwctl.options import AccessorOptions, ApplyOptions, EvalOptions, ProfileOptions, fill, help_text
 
 app = typer.Typer(
@@ -70,7 +76,8 @@ def command(name: str | None = None) -> Callable[[F], F]:
     single error-handling site of the CLI.
 
     An error with an exit code (``errors.exit_code_for``) becomes ``Error: …`` plus its hint on
-    stderr, printed as plain text; an interrupt exits 130. With ``--debug`` the exception
+    stderr, printed as plain text; an interrupt exits 130, SIGTERM 143 and SIGHUP 129 (the
+    signals are handled only while the command runs). With ``--debug`` the exception
     propagates with its traceback; an exception without an exit code is a bug and always does.
     """
     return functools.partial(_register, name=name)
@@ -82,14 +89,18 @@ def _register(function: F, *, name: str | None) -> F:
         console.set_quiet(bool(kwargs.get("quiet")))
         console.set_library_output(bool(kwargs.get("debug")))
         try:
-            return function(*args, **kwargs)
+            with _termination_signals_raise():
+                return function(*args, **kwargs)
         except typer.Exit:
             raise
         except BaseException as error:
             code = exit_code_for(error)
             if code is None or kwargs.get("debug"):
                 raise
-            if code == EXIT_INTERRUPTED:
+            cause = interruption(error)
+            if isinstance(cause, Terminated):
+                console.error(f"Terminated ({cause.signal_name}).", label="")
+            elif cause is not None:
                 console.error("Interrupted.", label="")
             else:
                 console.error(getattr(error, "message", str(error)), hint=getattr(error, "hint", None))
@@ -97,6 +108,35 @@ def _register(function: F, *, name: str | None) -> F:
 
     app.command(name=name)(wrapper)
     return function
+
+
+TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def _termination_signals_raise() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGHUP raise ``Terminated``; the previous handlers after.
+
+    Raising (rather than exiting in the handler) unwinds the stack like Ctrl-C does, so every
+    ``finally`` removes what it staged. A repeated signal is ignored once the first one has been
+    raised, so that the cleanup it started is not itself cut short (SIGKILL still ends the process).
+    Signal handlers can only be set from the main thread; elsewhere the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signal_number: int, frame: FrameType | None) -> None:
+        for number in TERMINATION_SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
+        raise Terminated(signal_number)
+
+    previous = {number: signal.signal(number, handler) for number in TERMINATION_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
 
 
 def _emit(path: Path, summary: dict[str, Any], as_json: bool) -> None:
@@ -361,14 +401,17 @@ def evaluate(
     for outcome in result.report.requirements:
         console.info(f"requirement {outcome.describe()}")
     console.info(f"Wrote {result.path} and {result.samples_path}")
+    summary = {"samples": str(result.samples_path), **result.report.to_json()}
     if result.failed:
+        if json_output:  # the report is the result a pipeline reads, failed requirements included
+            _emit(result.path, summary, json_output)
         count = len(result.failed)
         raise KvwError(
             f"{count} requirement{'s' if count > 1 else ''} failed: "
             + "; ".join(outcome.describe() for outcome in result.failed),
             hint=f"the report with every requirement's outcome is in {result.path}",
         )
-    _emit(result.path, {"samples": str(result.samples_path), **result.report.to_json()}, json_output)
+    _emit(result.path, summary, json_output)
 
 
 @app.command()

@@ -37,9 +37,14 @@ def set_quiet(quiet: bool) -> None:
 
 
 def info(message: str) -> None:
-    """A message for the person at the terminal (stderr; silenced by ``--quiet``)."""
+    """A message for the person at the terminal (stderr; silenced by ``--quiet``).
+
+    Plain text, never Rich markup: messages hold paths, and a path may contain ``[/]``.
+    """
     if not _quiet:
-        stderr_console().print(message)
+        from rich.text import Text
+
+        stderr_console().print(Text(message))
 
 
 def error(message: str, *, hint: str | None = None, label: str = "Error:") -> None:

@@ -16,6 +16,10 @@ states we profile are the ones the model produces in use:
 * **Content format.** Multimodal templates take a list of parts (``{"type": "image"}``,
   ``{"type": "text", ...}``); many text-only templates accept only a plain string.
 
+A conversation longer than the model's context (``max_position_embeddings``) is refused as a
+data error naming the sample, when it is rendered: every stage renders all its samples before its
+first forward pass.
+
 For generation (``kvwctl eval``) the same prompt is rendered alone, ending with the template's
 generation prompt, and tokenized by the same BOS rule (``render_prompt``).
 
@@ -64,8 +68,9 @@ class RenderedSample:
 class ChatRenderer:
     """Renders samples with a model's chat template and locates their answers."""
 
-    def __init__(self, processor: Any, *, multimodal: bool) -> None:
+    def __init__(self, processor: Any, *, multimodal: bool, max_tokens: int | None = None) -> None:
         self.processor = processor
+        self.max_tokens = max_tokens  # the model's context; a longer sample is refused
         self.tokenizer = processor.tokenizer if multimodal else processor
         self.multimodal = multimodal
         if not getattr(processor, "chat_template", None) and not getattr(self.tokenizer, "chat_template", None):
@@ -141,6 +146,7 @@ class ChatRenderer:
         if answer_tokens[0] == 0:
             raise DataError(f"{sample.source}: sample {sample.id!r} has no prompt tokens before its answer")
         self.check_bos(token_ids, sample)
+        self.check_length(len(token_ids), sample)
         return RenderedSample(
             sample=sample,
             text=text,
@@ -149,6 +155,19 @@ class ChatRenderer:
             answer_start=answer_tokens[0],
             answer_length=len(answer_tokens),
         )
+
+    def check_length(self, num_tokens: int, sample: Sample) -> None:
+        """Refuse a conversation longer than the model's context, before any forward pass.
+
+        Counted before image expansion (a processor adds the image tokens), so this is a lower
+        bound: it bounds the work of a runaway text, it does not promise that images still fit.
+        """
+        if self.max_tokens is not None and num_tokens > self.max_tokens:
+            raise DataError(
+                f"{sample.source}: sample {sample.id!r} has {num_tokens} tokens, more than the model's "
+                f"context of {self.max_tokens} (max_position_embeddings)",
+                hint="shorten the sample's question or answer, or leave the sample out",
+            )
 
     def check_bos(self, token_ids: list[int], sample: Sample) -> None:
         if self.bos_token_id is not None and token_ids[:2] == [self.bos_token_id] * 2:

@@ -5,14 +5,18 @@
 
 ``image`` is optional (a path relative to the JSONL file, or a list of paths); ``question`` and
 ``answer`` are required and non-empty; ``id``, ``keywords`` and ``options`` are optional. Unknown
-fields are kept and ignored. The whole file is validated, images included, before any model work,
-and every problem is reported as ``file:line: field: problem``; a line that is not UTF-8 or not
-JSON is such a problem too, never a traceback, whatever the bytes.
+fields are kept and ignored. An image may have at most ``MAX_IMAGE_PIXELS`` (64 megapixels). The
+whole file is validated, images included, before any model work, and every problem is reported as
+``file:line: field: problem``; a line that is not UTF-8 or not JSON is such a problem too, never a
+traceback, whatever the bytes.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,8 +106,8 @@ def _parse_record(
             continue
         if not exists:
             problems.append(f"{where}: image: {image_path} does not exist")
-        elif not _is_image(image_path):
-            problems.append(f"{where}: image: {image_path} is not a readable image")
+        elif (problem := _image_problem(image_path)) is not None:
+            problems.append(f"{where}: image: {problem}")
         image_paths.append(image_path)
     keywords = _string_list(record, "keywords", where, problems)
     options = _string_list(record, "options", where, problems)
@@ -138,24 +142,61 @@ def _string_list(
     return value
 
 
-def _is_image(path: Path) -> bool:
-    """A cheap check of the file's header (the pixels are decoded only when profiling)."""
-    from PIL import Image, UnidentifiedImageError
+# The most pixels an image may have (64 megapixels, e.g. 8192 x 8192): PIL's limit against
+# decompression bombs, a small file that decodes to gigabytes. Processors resize images to a few
+# hundred pixels a side anyway; a larger image is refused as a data error naming file:line.
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+
+
+def _image_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be used as an image, from its header (pixels are decoded when profiling)."""
+    from PIL import UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with _open_image(path) as image:
             image.verify()
-    except (OSError, UnidentifiedImageError, SyntaxError):
-        return False
-    return True
+    except _TooLarge as error:
+        return str(error)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        return f"{path} is not a readable image"
+    return None
+
+
+class _TooLarge(Exception):
+    pass
+
+
+@contextmanager
+def _open_image(path: Path) -> Iterator[Any]:
+    """``PIL.Image.open`` with kvwctl's pixel limit; an image over it raises ``_TooLarge``.
+
+    PIL warns (``DecompressionBombWarning``) above its limit and raises only above twice it;
+    here both are refused, before any pixel is decoded.
+    """
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise _TooLarge(
+                f"{path} has more than {MAX_IMAGE_PIXELS // (1024 * 1024)} megapixels, the limit "
+                "(a possible decompression bomb); scale it down"
+            ) from None
+        with image:
+            yield image
 
 
 def load_image(path: Path) -> Any:
     """Open an image as RGB (PIL is imported here, not at module import)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with _open_image(path) as image:
             return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
+    except _TooLarge as error:
+        raise DataError(str(error)) from None
+    except (OSError, UnidentifiedImageError, ValueError) as error:
         raise DataError(f"cannot read image {path}: {error}") from None

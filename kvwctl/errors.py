@@ -16,7 +16,14 @@ code  meaning
 2     usage: a malformed or out-of-range option value (flag or ``KVW_*`` variable), an
       unknown choice, a missing required input, options that contradict each other
 130   interrupted (Ctrl-C), also when the interrupt arrives wrapped in another exception
+129   hung up (SIGHUP), 128 + the signal number as a shell reports it
+143   terminated (SIGTERM), likewise
 ====  =====================================================================================
+
+SIGTERM and SIGHUP are handled as SIGINT is: while a command runs, the CLI turns them into
+:class:`Terminated`, a ``BaseException`` like ``KeyboardInterrupt``, so every ``finally`` and
+context manager on the way up runs (staging directories and temporary files are removed) and no
+stage code can swallow it with ``except Exception``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,22 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+SIGNAL_EXIT_BASE = 128  # a process ended by signal N exits 128 + N, as shells report it
+
+
+class Terminated(BaseException):
+    """The process received SIGTERM or SIGHUP while a command ran (exit 128 + the signal number)."""
+
+    def __init__(self, signal_number: int) -> None:
+        import signal
+
+        self.signal_number = signal_number
+        self.signal_name = signal.Signals(signal_number).name
+        super().__init__(f"received {self.signal_name}")
+
+    @property
+    def exit_code(self) -> int:
+        return SIGNAL_EXIT_BASE + self.signal_number
 
 
 class KvwError(Exception):
@@ -57,8 +80,8 @@ class ArtifactError(KvwError):
     """A stage file (profile, accessor) has the wrong format, shapes or model fingerprint."""
 
 
-def interrupted(error: BaseException) -> bool:
-    """Whether ``error`` is a ``KeyboardInterrupt`` or was raised while handling one.
+def interruption(error: BaseException) -> KeyboardInterrupt | Terminated | None:
+    """The ``KeyboardInterrupt`` or :class:`Terminated` that ``error`` is or was raised while handling.
 
     Libraries sometimes catch an interrupt and raise their own error from it (or while it is
     being handled), so the ``__cause__`` / ``__context__`` chain is searched as well.
@@ -66,16 +89,19 @@ def interrupted(error: BaseException) -> bool:
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
-        if isinstance(current, KeyboardInterrupt):
-            return True
+        if isinstance(current, (KeyboardInterrupt, Terminated)):
+            return current
         seen.add(id(current))
         current = current.__cause__ or current.__context__
-    return False
+    return None
 
 
 def exit_code_for(error: BaseException) -> int | None:
     """The exit code for an exception that reached the command line; None for a bug (traceback)."""
-    if interrupted(error):
+    cause = interruption(error)
+    if isinstance(cause, Terminated):
+        return cause.exit_code
+    if cause is not None:
         return EXIT_INTERRUPTED
     if isinstance(error, KvwError):
         return error.exit_code

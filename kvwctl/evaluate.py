@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 from kvwctl.checkpoint import Checkpoint, ModelSpec, open_checkpoint, resolve_model
 from kvwctl.console import NullTracker, Tracker
-from kvwctl.conversation import RenderedSample
+from kvwctl.conversation import ChatRenderer, RenderedSample
 from kvwctl.data import Sample, load_samples
 from kvwctl.errors import DataError, UsageError
-from kvwctl.files import atomic_file, check_output_file, file_sha256, write_json_atomically
+from kvwctl.files import check_output_file, committed_together, file_sha256, write_json_atomically
 from kvwctl.metrics import (
     METRICS,
     Results,
@@ -170,19 +170,37 @@ def score_conversations(
     return scores
 
 
-def evaluate_split(
-    loaded: LoadedModel, split: EvalSplit, *, role: str, max_new_tokens: int, batch_size: int, tracker: Tracker
-) -> list[SampleResult]:
-    """Generations, answer log-probabilities and multiple-choice picks for every sample of a split."""
-    renderer = loaded.renderer
+@dataclass(frozen=True)
+class RenderedSplit:
+    split: EvalSplit
+    candidates: list[list[str]]  # per sample: its answer, then its other options
+    conversations: list[RenderedSample]  # one per candidate, flat
+
+
+def render_split(renderer: ChatRenderer, split: EvalSplit) -> RenderedSplit:
+    """Every conversation of a split a model will score, rendered (and checked) before any forward pass."""
     # One conversation per distinct candidate of a sample: its answer, then its other options.
     # The answer's score is both answer_logprob and that option's multiple-choice score.
     candidates = [list(dict.fromkeys((sample.answer, *sample.options))) for sample in split.samples]
-    rendered = [
+    conversations = [
         renderer.render(replace(sample, answer=candidate))
         for sample, texts in zip(split.samples, candidates, strict=True)
         for candidate in texts
     ]
+    return RenderedSplit(split=split, candidates=candidates, conversations=conversations)
+
+
+def evaluate_split(
+    loaded: LoadedModel,
+    prepared: RenderedSplit,
+    *,
+    role: str,
+    max_new_tokens: int,
+    batch_size: int,
+    tracker: Tracker,
+) -> list[SampleResult]:
+    """Generations, answer log-probabilities and multiple-choice picks for every sample of a split."""
+    split, candidates, rendered = prepared.split, prepared.candidates, prepared.conversations
     generations = generate_answers(
         loaded,
         split.samples,
@@ -282,11 +300,12 @@ def run_eval(
         model_info[role] = _describe_model(checkpoint, torch_dtype)
         torch.manual_seed(SEED)
         loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
+        prepared = [render_split(loaded.renderer, split) for split in evaluated]  # data errors first
         per_sample[role] = {
-            split.name: evaluate_split(
-                loaded, split, role=role, max_new_tokens=max_new_tokens, batch_size=batch_size, tracker=tracker
+            rendered.split.name: evaluate_split(
+                loaded, rendered, role=role, max_new_tokens=max_new_tokens, batch_size=batch_size, tracker=tracker
             )
-            for split in evaluated
+            for rendered in prepared
         }
         del loaded
         _release_memory(torch_device)
@@ -302,16 +321,19 @@ def run_eval(
         for role in roles
     }
     outcomes = check_requirements(parsed, results)
-    _write_samples(samples_out, per_sample)
-    report = EvalReport(
-        models=model_info,
-        data={split.name: split.describe() for split in evaluated},
-        settings=_settings(max_new_tokens, batch_size, torch_device, dtype),
-        results=results,
-        requirements=outcomes,
-        samples_sha256=file_sha256(samples_out),
-    )
-    write_json_atomically(out, report.to_json())
+    # The report names the per-sample file's hash: both are renamed into place, or neither.
+    with committed_together() as outputs:
+        samples_file = outputs.file(samples_out, force=options.force)
+        _write_samples(samples_file, per_sample)
+        report = EvalReport(
+            models=model_info,
+            data={split.name: split.describe() for split in evaluated},
+            settings=_settings(max_new_tokens, batch_size, torch_device, dtype),
+            results=results,
+            requirements=outcomes,
+            samples_sha256=file_sha256(samples_file),
+        )
+        write_json_atomically(outputs.file(out, force=options.force), report.to_json())
     return EvalResult(path=out, samples_path=samples_out, report=report)
 
 
@@ -347,7 +369,7 @@ def _write_samples(path: Path, per_sample: dict[str, dict[str, list[SampleResult
     def dumps(obj: Any) -> str:
         return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
-    with atomic_file(path) as temporary, jsonlines.open(temporary, mode="w", dumps=dumps) as writer:
+    with jsonlines.open(path, mode="w", dumps=dumps) as writer:
         for role, splits in per_sample.items():
             for split, results in splits.items():
                 for result in results:

@@ -16,6 +16,17 @@ run never leaves a half-written output behind:
 * **Staging directories beside the target.** ``staged_output_dir(out)`` builds a whole checkpoint
   in a hidden ``.NAME.kvw-*`` directory next to ``out`` and renames it into place at the end; with
   ``force`` the old directory is moved aside first and removed only after the new one is in place.
+* **Outputs that belong together are committed together.** ``committed_together()`` stages
+  several files and directories (eval's report and per-sample file; a progressive checkpoint
+  and its exposure file) and renames them into place only at the end, all of them or none: if
+  one rename fails, those already made are undone.
+* **Modes as ``open()`` gives them.** Temporary files and staging directories are created by
+  ``mkstemp``/``mkdtemp`` as 0600/0700; before an output is renamed into place it gets the mode
+  a plain ``open()``/``mkdir()`` would have given it, ``0666``/``0777`` less the umask, so a
+  checkpoint can be handed to another user or group as any other file could.
+* **A write that fails is a user error.** An ``OSError`` while staging or committing an output
+  (a full disk, a read-only or vanished directory) becomes a ``KvwError`` naming the output and
+  the reason, with a hint; the staged files are removed as on any other failure.
 * **Output checks before work.** ``check_output_file`` and ``check_output_dir`` refuse an existing
   output without ``--force`` and an output that overlaps an input, before anything expensive runs.
 
@@ -32,14 +43,16 @@ when it is called.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
 import struct
 import tempfile
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -67,6 +80,7 @@ def check_output_file(out: Path, *, force: bool) -> None:
         raise KvwError(f"output {out} already exists", hint="pass --force to replace it")
     if out.is_dir():
         raise KvwError(f"output {out} is a directory; expected a file path")
+    check_writable_parent(out)
 
 
 def check_output_dir(out: Path, *, inputs: list[Path], force: bool) -> None:
@@ -83,6 +97,88 @@ def check_output_dir(out: Path, *, inputs: list[Path], force: bool) -> None:
         raise KvwError(f"output {out} already exists", hint="pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise KvwError(f"output {out} exists and is not a directory")
+    check_writable_parent(out)
+
+
+def check_writable_parent(out: Path) -> None:
+    """Refuse an output whose parent (or nearest existing ancestor) cannot be written, before work.
+
+    ``os.access`` answers for the real user; a root process passes it everywhere, and a
+    read-only filesystem is caught at write time instead (``output_errors``).
+    """
+    ancestor = out.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise KvwError(f"cannot write {out}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise KvwError(
+            f"cannot write {out}: the directory {ancestor} is not writable",
+            hint="choose another --out or fix the directory's permissions",
+        )
+
+
+# --- errors and modes ----------------------------------------------------------------------------
+
+_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space or write the output elsewhere",
+    errno.EDQUOT: "the disk quota is exceeded: free some space or write the output elsewhere",
+    errno.EFBIG: "the file is larger than this filesystem or process allows: write it elsewhere",
+    errno.EACCES: "check the permissions of the output directory or choose another --out",
+    errno.EPERM: "check the permissions of the output directory or choose another --out",
+    errno.EROFS: "the filesystem is read-only: choose another --out",
+    errno.ENOENT: "the output directory was removed or renamed while kvwctl ran: run it again",
+}
+
+
+@contextmanager
+def output_errors(out: Path) -> Iterator[None]:
+    """Turn an ``OSError`` raised in the block into a ``KvwError`` that names ``out`` and the reason.
+
+    Used around the staging and committing of every output, so that a full disk or a vanished
+    directory is reported as ``Error: cannot write …`` plus a hint, never as a traceback.
+    """
+    try:
+        yield
+    except OSError as error:
+        raise write_error(str(out), error) from error
+
+
+def write_error(out: str, error: OSError) -> KvwError:
+    """``cannot write OUT: <reason> (<the file it was about, unless a staging name>)`` and a hint."""
+    reason = error.strerror or str(error)
+    where = f" ({error.filename})" if error.filename and ".kvw-" not in str(error.filename) else ""
+    hint = _HINTS.get(error.errno or 0, "check the output location and run it again")
+    return KvwError(f"cannot write {out}: {reason}{where}", hint=hint)
+
+
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux says it (``/proc/self/status``).
+
+    ``os.umask`` can only read the mask by setting it, which for a moment gives every other
+    thread's new files mode 0666 (the lock only orders the callers of this function), so it is
+    the fallback where ``/proc`` has no ``Umask:`` line (other systems, Linux before 4.7).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _umask_lock:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def give_default_mode(path: Path) -> None:
+    """Give a file the mode ``open()`` would create it with (0666 less the umask), a directory
+    the mode of ``mkdir()`` (0777 less the umask); ``mkstemp``/``mkdtemp`` create 0600/0700."""
+    base = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, base & ~current_umask())
 
 
 # --- atomic writes -------------------------------------------------------------------------------
@@ -95,16 +191,23 @@ def atomic_file(out: Path) -> Iterator[Path]:
     ``out`` is never half-written and never overwritten in place (it may be memory-mapped as an
     input); a failed or interrupted block leaves it as it was and removes the temporary file.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(handle)
-    temporary = Path(name)
+    temporary: Path | None = None
     try:
-        yield temporary
-        os.replace(temporary, out)
+        with output_errors(out):
+            temporary = _temporary_file(out)
+            yield temporary
+            give_default_mode(temporary)
+            os.replace(temporary, out)
     finally:
-        if temporary.exists():
+        if temporary is not None and temporary.exists():
             temporary.unlink()
+
+
+def _temporary_file(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{out.name}.kvw-", suffix=".tmp", dir=out.parent)
+    os.close(handle)
+    return Path(name)
 
 
 def write_text_atomically(out: Path, text: str) -> None:
@@ -175,19 +278,101 @@ def staged_output_dir(out: Path, *, force: bool) -> Iterator[Path]:
     An interrupted or failed run leaves ``out`` as it was (absent, or the old version with
     ``--force``) and removes the half-written staging directory.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.kvw-", dir=out.parent))
-    try:
-        yield staging
-        if out.exists():
-            if not force:
+    with committed_together() as outputs:
+        yield outputs.directory(out, force=force)
+
+
+class StagedOutputs:
+    """Outputs staged beside their targets, renamed into place together by ``committed_together``."""
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Path, Path, bool]] = []  # (staging path, target, force)
+
+    @property
+    def targets(self) -> list[Path]:
+        return [out for _, out, _ in self._staged]
+
+    def file(self, out: Path, *, force: bool = True) -> Path:
+        """A temporary file beside ``out`` to write ``out``'s content into."""
+        with output_errors(out):
+            temporary = _temporary_file(out)
+        self._staged.append((temporary, out, force))
+        return temporary
+
+    def directory(self, out: Path, *, force: bool) -> Path:
+        """A hidden staging directory beside ``out`` to build ``out`` in."""
+        with output_errors(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.kvw-", dir=out.parent))
+        self._staged.append((staging, out, force))
+        return staging
+
+    def commit(self) -> None:
+        """Rename every staged output onto its target; on a failure undo the renames already made.
+
+        An existing target is moved aside first (refused without ``force``) and deleted only once
+        all are in place, so a failed commit puts the old outputs back.
+        """
+        for _, out, force in self._staged:
+            if out.exists() and not force:
                 raise KvwError(f"output {out} already exists", hint="pass --force to replace it")
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.kvw-old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(trash)
-        else:
-            os.replace(staging, out)
+        moved: list[tuple[Path, Path | None]] = []  # (target, where its old version went)
+        placed: list[Path] = []
+        try:
+            for staging, out, _ in self._staged:
+                with output_errors(out):
+                    give_default_mode(staging)
+                    aside = None
+                    if out.exists():
+                        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.kvw-old-", dir=out.parent)) / out.name
+                        os.replace(out, aside)
+                    moved.append((out, aside))
+                    os.replace(staging, out)
+                    placed.append(out)
+        except BaseException:
+            # Put the old outputs back; the error that stopped the commit is the one reported.
+            for out, aside in reversed(moved):
+                with suppress(OSError):
+                    if out in placed:
+                        _remove(out)
+                    if aside is not None:
+                        os.replace(aside, out)
+                        aside.parent.rmdir()
+            raise
+        for _, aside in moved:
+            if aside is not None:
+                with suppress(OSError):
+                    shutil.rmtree(aside.parent)
+
+    def discard(self) -> None:
+        """Remove whatever is still staged (after a failure, or what a commit did not move)."""
+        for staging, _, _ in self._staged:
+            if staging.exists():
+                _remove(staging)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+@contextmanager
+def committed_together() -> Iterator[StagedOutputs]:
+    """Stage several outputs and rename them into place together when the block succeeds.
+
+    with committed_together() as outputs:
+        write_report(outputs.file(report_path))
+        write_samples(outputs.file(samples_path))
+    # both renamed into place now; after a failure, neither (and the staged files are gone)
+    """
+    outputs = StagedOutputs()
+    try:
+        try:
+            yield outputs
+        except OSError as error:
+            raise write_error(" and ".join(map(str, outputs.targets)) or "the output", error) from error
+        outputs.commit()
     finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        outputs.discard()

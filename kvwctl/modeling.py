@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kvwctl.architectures import context_length
 from kvwctl.checkpoint import Checkpoint
 from kvwctl.conversation import ChatRenderer, RenderedPrompt, RenderedSample, profiled_positions
 from kvwctl.data import Sample, load_image
@@ -85,7 +86,9 @@ def load_model(checkpoint: Checkpoint, *, device: torch.device, dtype: torch.dty
     return LoadedModel(
         checkpoint=checkpoint,
         model=model,
-        renderer=ChatRenderer(processor, multimodal=architecture.multimodal),
+        renderer=ChatRenderer(
+            processor, multimodal=architecture.multimodal, max_tokens=context_length(checkpoint.config)
+        ),
         down_projections=modules,
         device=device,
         dtype=dtype,

@@ -38,7 +38,7 @@ from kvwctl.checkpoint import ModelSpec, open_checkpoint, resolve_model
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.data import load_samples
 from kvwctl.errors import ArtifactError, ModelError
-from kvwctl.files import check_output_dir, check_output_file, file_sha256
+from kvwctl.files import check_output_dir, check_output_file, committed_together, file_sha256
 from kvwctl.method import (
     batch_ranges,
     check_gamma,
@@ -149,19 +149,24 @@ def run_progressive(
             "layer_summary": [vars(summary) for summary in summarize_exposures(exposures)],
         },
     }
-    result = write_weakened_checkpoint(
-        checkpoint,
-        exposures,
-        gamma=gamma,
-        layers=selected,
-        out=out,
-        force=force,
-        device=torch_device,
-        input_fingerprint=fingerprint,
-        provenance=provenance,
-        tracker=tracker,
-    )
-    write_artifact(
-        exposure_path, {f"layers.{layer}.exposure": exposure for layer, exposure in enumerate(exposures)}, metadata
-    )
+    # The checkpoint's manifest names the exposure file: both are renamed into place, or neither.
+    with committed_together() as outputs:
+        write_artifact(
+            outputs.file(exposure_path, force=force),
+            {f"layers.{layer}.exposure": exposure for layer, exposure in enumerate(exposures)},
+            metadata,
+        )
+        result = write_weakened_checkpoint(
+            checkpoint,
+            exposures,
+            gamma=gamma,
+            layers=selected,
+            out=out,
+            force=force,
+            device=torch_device,
+            input_fingerprint=fingerprint,
+            provenance=provenance,
+            tracker=tracker,
+            outputs=outputs,
+        )
     return result

@@ -340,7 +340,9 @@ def test_failed_apply_leaves_nothing_half_written(
         copy_patched_shard(source, target, patches)
 
     monkeypatch.setattr(kvwctl.apply, "copy_patched_shard", failing_copy)
-    with pytest.raises(OSError):
+    from kvwctl.errors import KvwError
+
+    with pytest.raises(KvwError, match="disk full"):  # an OSError while writing is a user error
         kvwctl.apply.run_apply(
             ModelSpec(str(checkpoints["qwen2"])),
             profiles["qwen2-accessor"],
