@@ -17,6 +17,7 @@ into place at the end, with ``kvw_manifest.json`` recording how it was made.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,9 +26,7 @@ from typing import TYPE_CHECKING, Any
 from kvwctl import __version__
 from kvwctl.artifacts import ACCESSOR_FORMAT, check_fits_model, read_artifact
 from kvwctl.checkpoint import (
-    MANIFEST_FILE,
     Checkpoint,
-    ModelSource,
     ModelSpec,
     carry_over_files,
     copy_patched_shard,
@@ -36,7 +35,15 @@ from kvwctl.checkpoint import (
 )
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.errors import ArtifactError
-from kvwctl.files import check_output_dir, file_sha256, now, staged_output_dir, write_json_atomically
+from kvwctl.files import (
+    MANIFEST_FILE,
+    check_outputs,
+    file_sha256,
+    inside,
+    now,
+    staged_output_dir,
+    write_json_atomically,
+)
 from kvwctl.method import gates, parse_layers, scale_vectors, tensor_bytes
 from kvwctl.options import ApplyOptions
 
@@ -130,8 +137,10 @@ def write_weakened_checkpoint(
     edits = {layer: checkpoint.down_projections[layer] for layer in layers}
     layer_edits: dict[int, LayerEdit] = {}
     shard_hashes: dict[str, str] = {}
+    # The output's tensor digests: the input's, with every edited tensor's bytes hashed as written.
+    output_digests = dict(checkpoint.tensor_digests())
     with staged_output_dir(out, force=force) as staging:
-        left_out = carry_over_files(checkpoint.path, staging, skip={*checkpoint.shards, MANIFEST_FILE})
+        left_out = carry_over_files(checkpoint, staging, skip={MANIFEST_FILE})
         for shard in tracker.track(checkpoint.shards, total=len(checkpoint.shards), description="apply"):
             patches: dict[tuple[int, int], bytes] = {}
             shard_edits = [projection for projection in edits.values() if projection.shard == shard]
@@ -141,7 +150,9 @@ def write_weakened_checkpoint(
                         weight = stream.get_tensor(projection.name)
                         gate = gates(exposures[projection.layer].to(device), gamma)  # (m,)
                         weakened = scale_vectors(weight, gate, axis=axis)
-                        patches[(projection.data_start, projection.data_end)] = tensor_bytes(weakened)
+                        patch = tensor_bytes(weakened)
+                        patches[(projection.data_start, projection.data_end)] = patch
+                        output_digests[projection.name] = hashlib.sha256(patch).hexdigest()
                         layer_edits[projection.layer] = LayerEdit(
                             tensor=projection.name,
                             vectors=gate.numel(),
@@ -149,8 +160,9 @@ def write_weakened_checkpoint(
                             min_gate=float(gate.min()),
                             mean_gate=float(gate.double().mean()),
                         )
-            copy_patched_shard(checkpoint.path / shard, staging / shard, patches)
-            shard_hashes[shard] = file_sha256(staging / shard)
+            target = inside(staging, shard, source=checkpoint.path)
+            copy_patched_shard(checkpoint.path / shard, target, patches)
+            shard_hashes[shard] = file_sha256(target)
         previous = checkpoint.path / MANIFEST_FILE
         manifest = Manifest(
             tool_version=__version__,
@@ -167,7 +179,8 @@ def write_weakened_checkpoint(
             per_layer=dict(sorted(layer_edits.items())),
             shards=shard_hashes,
             not_carried_over=left_out,
-            output_fingerprint=open_checkpoint(ModelSource(staging, str(staging), None)).fingerprint(),
+            # Same config and headers as the input, so the same tensors; only edited bytes differ.
+            output_fingerprint=checkpoint.fingerprint(output_digests),
             previous_manifest=json.loads(previous.read_text()) if previous.is_file() else None,
         )
         write_json_atomically(staging / MANIFEST_FILE, manifest.to_json(), ensure_ascii=True)
@@ -183,9 +196,8 @@ def run_apply(
     """One-shot: scale ``model``'s knowledge vectors by the exposure in ``accessor``; write ``out``."""
     from kvwctl.modeling import select_device
 
-    source = resolve_model(model.reference, model.revision)
-    check_output_dir(out, inputs=[source.path], force=options.force)
-    checkpoint = open_checkpoint(source)
+    checkpoint = open_checkpoint(resolve_model(model.reference, model.revision))
+    check_outputs(directories=[out], inputs=[*checkpoint.input_paths, accessor], force=options.force)
     selected = parse_layers(options.layers, checkpoint.num_layers)
     artifact = read_artifact(accessor, ACCESSOR_FORMAT)
     fingerprint = checkpoint.fingerprint()

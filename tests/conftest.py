@@ -18,6 +18,14 @@ MULTIMODAL = ("llava", "qwen2_vl", "qwen2_5_vl")
 TEXT_ONLY = ("llama", "qwen2", "mistral")
 
 
+@pytest.fixture(autouse=True)
+def hash_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test's fingerprint hash cache in a temporary directory, never the user's ~/.cache."""
+    path = tmp_path_factory.getbasetemp() / "kvw-cache"
+    monkeypatch.setenv("KVW_CACHE_DIR", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """model_type -> a tiny checkpoint in the Hub on-disk layout (read-only: copy to modify)."""

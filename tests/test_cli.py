@@ -301,6 +301,7 @@ def test_apply_refuses_existing_output_and_replaces_it_with_force(checkpoints, p
     out = tmp_path / "o"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    (out / "kvw_manifest.json").write_text('{"tool": "kvwctl"}')  # --force replaces only kvwctl's outputs
     args = ["apply", "--model", checkpoints["qwen2"], "--accessor", profiles["qwen2-accessor"], "--out", out]
     expect_error(invoke(*args), "already exists")
     assert (out / "old.txt").is_file()
