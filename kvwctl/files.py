@@ -102,21 +102,27 @@ def check_outputs(
     Every output (``files``: stage files, reports; ``directories``: checkpoints) is checked against
     every input of the command and against the other outputs, with symlinks resolved: it may not
     be the same file, lie inside an input directory or contain an input. An output that exists is
-    replaced only with ``force``, and only if kvwctl wrote it (:func:`replaceable`).
+    replaced only with ``force``, and only if kvwctl wrote it (:func:`check_replaceable`).
     """
     outputs = [*files, *directories]
     for position, out in enumerate(outputs):
-        for path in inputs:
-            overlap = _overlap(out, path)
-            if overlap:
-                raise KvwError(
-                    f"output {out} overlaps the input {path} ({overlap})",
-                    hint="kvwctl never writes into or over its inputs: choose another output path",
-                )
+        # The most telling collision first: the very file before the directory it is in.
+        collisions = sorted(
+            ((overlap, path) for path in inputs if (overlap := _overlap(out, path))),
+            key=lambda collision: collision[0] != "the same file",
+        )
+        if collisions:
+            overlap, path = collisions[0]
+            raise KvwError(
+                f"output {out} overlaps the input {path} ({overlap})",
+                hint="kvwctl never writes into or over its inputs: choose another output path",
+            )
         for other in outputs[position + 1 :]:
             overlap = _overlap(out, other)
             if overlap:
-                raise KvwError(f"output {out} overlaps the output {other} ({overlap})", hint="choose distinct output paths")
+                raise KvwError(
+                    f"output {out} overlaps the output {other} ({overlap})", hint="choose distinct output paths"
+                )
     for out in files:
         if out.is_dir():
             raise KvwError(f"output {out} is a directory; expected a file path")
