@@ -30,7 +30,7 @@ from kvwctl.artifacts import (
     write_artifact,
 )
 from kvwctl.errors import ArtifactError
-from kvwctl.files import check_output_file, file_sha256
+from kvwctl.files import check_outputs, file_sha256
 from kvwctl.method import LayerSummary, batch_accessors, batch_ranges, exposure, summarize_exposures
 from kvwctl.options import AccessorOptions
 
@@ -70,7 +70,7 @@ def run_accessor(
 ) -> AccessorResult:
     """Exposure of every knowledge vector from two profiles, written to ``out``."""
     batch_size, save_batches = options.batch_size, options.save_batches
-    check_output_file(out, force=options.force)
+    check_outputs(files=[out], inputs=[forget_profile, retain_profile], force=options.force)
     forget, retain = load_profiles(forget_profile, retain_profile)
     counts = forget.tensors["count"]  # (samples,)
     batches = batch_ranges(counts.numel(), batch_size)

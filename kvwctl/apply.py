@@ -17,6 +17,7 @@ into place at the end, with ``kvw_manifest.json`` recording how it was made.
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,9 +26,7 @@ from typing import TYPE_CHECKING, Any
 from kvwctl import __version__
 from kvwctl.artifacts import ACCESSOR_FORMAT, check_fits_model, read_artifact
 from kvwctl.checkpoint import (
-    MANIFEST_FILE,
     Checkpoint,
-    ModelSource,
     ModelSpec,
     carry_over_files,
     copy_patched_shard,
@@ -38,10 +37,12 @@ from kvwctl.checkpoint import (
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.errors import ArtifactError, ModelError
 from kvwctl.files import (
+    MANIFEST_FILE,
     StagedOutputs,
-    check_output_dir,
+    check_outputs,
     committed_together,
     file_sha256,
+    inside,
     now,
     write_json_atomically,
 )
@@ -147,11 +148,13 @@ def write_weakened_checkpoint(
     edits = {layer: checkpoint.down_projections[layer] for layer in layers}
     layer_edits: dict[int, LayerEdit] = {}
     shard_hashes: dict[str, str] = {}
+    # The output's tensor digests: the input's, with every edited tensor's bytes hashed as written.
+    output_digests = dict(checkpoint.tensor_digests())
     with ExitStack() as stack:
         if outputs is None:
             outputs = stack.enter_context(committed_together())
         staging = outputs.directory(out, force=force)
-        left_out = carry_over_files(checkpoint.path, staging, skip={*checkpoint.shards, MANIFEST_FILE})
+        left_out = carry_over_files(checkpoint, staging, skip={MANIFEST_FILE})
         for shard in tracker.track(checkpoint.shards, total=len(checkpoint.shards), description="apply"):
             patches: dict[tuple[int, int], bytes] = {}
             shard_edits = [projection for projection in edits.values() if projection.shard == shard]
@@ -168,7 +171,9 @@ def write_weakened_checkpoint(
                                 f"has non-finite values{already}",
                                 hint="check the input checkpoint's weights",
                             )
-                        patches[(projection.data_start, projection.data_end)] = tensor_bytes(weakened)
+                        patch = tensor_bytes(weakened)
+                        patches[(projection.data_start, projection.data_end)] = patch
+                        output_digests[projection.name] = hashlib.sha256(patch).hexdigest()
                         layer_edits[projection.layer] = LayerEdit(
                             tensor=projection.name,
                             vectors=gate.numel(),
@@ -176,8 +181,11 @@ def write_weakened_checkpoint(
                             min_gate=float(gate.min()),
                             mean_gate=float(gate.double().mean()),
                         )
-            copy_patched_shard(checkpoint.path / shard, staging / shard, patches)
-            shard_hashes[shard] = file_sha256(staging / shard)
+            target = inside(staging, shard, source=checkpoint.path)
+            if target.parent != staging and staging.is_dir():  # a shard in a subfolder (never re-create
+                target.parent.mkdir(parents=True, exist_ok=True)  # a staging directory that vanished)
+            copy_patched_shard(checkpoint.path / shard, target, patches)
+            shard_hashes[shard] = file_sha256(target)
         previous = checkpoint.path / MANIFEST_FILE
         manifest = Manifest(
             tool_version=__version__,
@@ -194,7 +202,8 @@ def write_weakened_checkpoint(
             per_layer=dict(sorted(layer_edits.items())),
             shards=shard_hashes,
             not_carried_over=left_out,
-            output_fingerprint=open_checkpoint(ModelSource(staging, str(staging), None)).fingerprint(),
+            # Same config and headers as the input, so the same tensors; only edited bytes differ.
+            output_fingerprint=checkpoint.fingerprint(output_digests),
             previous_manifest=read_json_object(previous) if previous.is_file() else None,
         )
         write_json_atomically(staging / MANIFEST_FILE, manifest.to_json(), ensure_ascii=True)
@@ -210,9 +219,8 @@ def run_apply(
     """One-shot: scale ``model``'s knowledge vectors by the exposure in ``accessor``; write ``out``."""
     from kvwctl.modeling import select_device
 
-    source = resolve_model(model.reference, model.revision)
-    check_output_dir(out, inputs=[source.path], force=options.force)
-    checkpoint = open_checkpoint(source)
+    checkpoint = open_checkpoint(resolve_model(model.reference, model.revision))
+    check_outputs(directories=[out], inputs=[*checkpoint.input_paths, accessor], force=options.force)
     selected = parse_layers(options.layers, checkpoint.num_layers)
     artifact = read_artifact(accessor, ACCESSOR_FORMAT)
     fingerprint = checkpoint.fingerprint()

@@ -6,18 +6,37 @@ A checkpoint is a directory with ``config.json`` and safetensors weights — one
 ``huggingface_hub.snapshot_download`` (safetensors, JSON, tokenizer and template files only), which
 honours ``HF_HUB_OFFLINE`` and the cache; the resolved commit is recorded in every output.
 
-The **model fingerprint** is a SHA-256 over the canonical ``config.json`` and the dtype, shape and
-raw bytes of every down-projection weight, in layer order. Tensor names are not hashed, so the
-same weights stored in the Hub layout or the transformers 5 layout have the same fingerprint.
+The **model fingerprint** is a SHA-256 over the canonical ``config.json`` and every tensor of
+every safetensors shard (language model, vision tower, projector: everything the coefficients
+depend on): per tensor its canonical name, dtype, shape and the SHA-256 of its raw bytes, sorted.
+The canonical name drops the layout's prefix (everything before the first ``<word>.<N>.`` such as
+``layers.3.``, else all but the last two components), so the same weights stored in the Hub
+layout (``language_model.model.layers.3.…``) or the transformers 5 layout
+(``model.language_model.layers.3.…``) share a fingerprint, while swapping two layers or two
+projections changes it. Per-tensor digests are cached per shard file, keyed by its resolved path,
+size and mtime (``kvwctl.files.cached_digests``), so a checkpoint is hashed once, not on every run.
 
-Outputs are written through ``kvwctl.files`` (staging directories, atomic files).
+**Names and links are checked when a checkpoint is opened.** Every shard name in the index must
+be a plain relative path (``kvwctl.files.inside``); every indexed tensor must be in the shard the
+index names, and no tensor in two shards or outside the index. A file that is a **symlink** is
+followed only when its target resolves inside the checkpoint directory or inside the Hub cache's
+``blobs`` directory of the same repository (``huggingface_hub`` stores every snapshot file as a
+link ``snapshots/<commit>/<file> -> ../../blobs/<hash>``); any other link is an error naming it
+and its target. Outputs hold the targets' bytes as regular files, so an output checkpoint is
+self-contained, and a link planted in a checkpoint (``tokenizer.json -> ~/.ssh/id_rsa``) can never
+copy a file from elsewhere into an output that is then handed over. Symlinked directories are
+refused. Copy linked files into the checkpoint (``cp -L``) to use them.
+
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+import os
+import re
 import shutil
 import struct
 from dataclasses import dataclass, field
@@ -26,10 +45,11 @@ from typing import Any
 
 from kvwctl.architectures import Architecture, get_architecture, num_decoder_layers
 from kvwctl.errors import ModelError, UsageError
+from kvwctl.files import MANIFEST_FILE as MANIFEST_FILE  # re-exported: the manifest beside a checkpoint
+from kvwctl.files import cached_digests, inside
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-MANIFEST_FILE = "kvw_manifest.json"
 HUB_ALLOW_PATTERNS = [
     "*.safetensors",
     "*.json",
@@ -221,10 +241,9 @@ def _natural(value: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class DownProjection:
-    """One layer's down-projection weight as stored on disk."""
+class StoredTensor:
+    """One tensor as stored on disk: its shard, dtype, shape and absolute byte range."""
 
-    layer: int
     name: str
     shard: str
     dtype: str
@@ -234,14 +253,23 @@ class DownProjection:
 
 
 @dataclass(frozen=True)
+class DownProjection(StoredTensor):
+    """One layer's down-projection weight as stored on disk."""
+
+    layer: int = -1
+
+
+@dataclass(frozen=True)
 class Checkpoint:
-    """A resolved checkpoint: its config, shard files and down-projection weights."""
+    """A resolved checkpoint: its config, shard files, every stored tensor and the down projections."""
 
     source: ModelSource
     config: dict[str, Any]
     architecture: Architecture
     shards: tuple[str, ...]
     down_projections: tuple[DownProjection, ...] = field(repr=False)
+    tensors: tuple[StoredTensor, ...] = field(default=(), repr=False)  # every tensor, shard by shard
+    files: tuple[str, ...] = field(default=(), repr=False)  # every other file (relative POSIX names)
 
     @property
     def path(self) -> Path:
@@ -254,53 +282,106 @@ class Checkpoint:
     def num_vectors(self, layer: int) -> int:
         return self.down_projections[layer].shape[self.architecture.vector_axis]
 
-    def fingerprint(self) -> str:
-        """SHA-256 over the canonical config and every down-projection's dtype, shape, bytes."""
+    @property
+    def input_paths(self) -> list[Path]:
+        """The directory and every file read from it: what no output may land on or in."""
+        return [self.path, *(self.path / name for name in (*self.shards, *self.files))]
+
+    def tensor_digests(self) -> dict[str, str]:
+        """Tensor name -> SHA-256 of its raw bytes, read once per shard file and then cached."""
+        digests: dict[str, str] = {}
+        for shard in self.shards:
+            entries = [tensor for tensor in self.tensors if tensor.shard == shard]
+            digests.update(cached_digests(self.path / shard, functools.partial(_hash_tensors, tensors=entries)))
+        return digests
+
+    def fingerprint(self, digests: dict[str, str] | None = None) -> str:
+        """SHA-256 over the canonical config and every tensor (see the module docstring).
+
+        ``digests`` (tensor name -> SHA-256 of its bytes) defaults to :meth:`tensor_digests`;
+        ``apply`` passes the digests of the checkpoint it wrote, derived without reading it back.
+        """
+        digests = self.tensor_digests() if digests is None else digests
+        records = sorted(
+            f"{canonical_tensor_name(tensor.name)}|{tensor.dtype}|{list(tensor.shape)}|{digests[tensor.name]}"
+            for tensor in self.tensors
+        )
         digest = hashlib.sha256()
         digest.update(json.dumps(self.config, sort_keys=True).encode())
-        for projection in self.down_projections:
-            digest.update(f"|{projection.layer}|{projection.dtype}|{list(projection.shape)}|".encode())
-            with (self.path / projection.shard).open("rb") as stream:
-                stream.seek(projection.data_start)
-                remaining = projection.data_end - projection.data_start
-                while remaining:
-                    block = stream.read(min(remaining, 1 << 24))
-                    if not block:
-                        raise ModelError(f"{projection.shard} is truncated")
-                    digest.update(block)
-                    remaining -= len(block)
+        for record in records:
+            digest.update(f"\n{record}".encode())
         return digest.hexdigest()
 
 
+_NUMBERED_MODULE = re.compile(r"(?:^|\.)([A-Za-z_][A-Za-z0-9_]*\.[0-9]+\.)")
+
+
+def canonical_tensor_name(name: str) -> str:
+    """A tensor's name without its layout's prefix: from the first ``<word>.<N>.`` on, else the last two parts.
+
+    ``language_model.model.layers.3.mlp.down_proj.weight`` and
+    ``model.language_model.layers.3.mlp.down_proj.weight`` are both ``layers.3.mlp.down_proj.weight``;
+    ``language_model.lm_head.weight`` and ``lm_head.weight`` are both ``lm_head.weight``.
+    """
+    match = _NUMBERED_MODULE.search(name)
+    if match:
+        return name[match.start(1) :]
+    return ".".join(name.split(".")[-2:])
+
+
+def _hash_tensors(path: Path, tensors: list[StoredTensor]) -> dict[str, str]:
+    """SHA-256 of every tensor's byte range, reading the file once in offset order."""
+    digests = {}
+    with path.open("rb") as stream:
+        for tensor in sorted(tensors, key=lambda entry: entry.data_start):
+            digest = hashlib.sha256()
+            stream.seek(tensor.data_start)
+            remaining = tensor.data_end - tensor.data_start
+            while remaining:
+                block = stream.read(min(remaining, 1 << 24))
+                if not block:
+                    raise ModelError(f"{path} is truncated inside tensor {tensor.name}")
+                digest.update(block)
+                remaining -= len(block)
+            digests[tensor.name] = digest.hexdigest()
+    return digests
+
+
 def open_checkpoint(source: ModelSource) -> Checkpoint:
-    """Read ``config.json`` and the safetensors headers; no tensor data is loaded."""
+    """Read ``config.json`` and the safetensors headers, and check names, links and the index.
+
+    No tensor data is loaded. Every indexed tensor must be in the shard the index names, every
+    tensor of a shard in the index, and no tensor in two shards: transformers would otherwise
+    initialise a missing weight at random or load whichever copy comes last.
+    """
     config_path = source.path / "config.json"
     if not config_path.is_file():
         raise ModelError(f"{source.path} has no config.json; it is not a transformers checkpoint")
+    files = _checkpoint_files(source.path)
     config = read_json_object(config_path)
     architecture = get_architecture(config.get("model_type"))
-    shards = _shard_files(source.path)
+    shards, weight_map = _shard_files(source.path)
+    tensors: list[StoredTensor] = []
     projections: dict[int, DownProjection] = {}
+    where: dict[str, str] = {}
     for shard in shards:
-        data_offset, header = read_safetensors_header(source.path / shard)
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            layer = architecture.disk_layer(name)
+        for tensor in _stored_tensors(source.path / shard, shard):
+            if tensor.name in where:
+                raise ModelError(
+                    f"{source.path}: tensor {tensor.name} is stored twice, in {where[tensor.name]} and {shard}"
+                )
+            where[tensor.name] = shard
+            tensors.append(tensor)
+            layer = architecture.disk_layer(tensor.name)
             if layer is None:
                 continue
             if layer in projections:
-                raise ModelError(f"two down-projection weights for layer {layer}: {projections[layer].name} and {name}")
-            begin, end = entry["data_offsets"]
-            projections[layer] = DownProjection(
-                layer=layer,
-                name=name,
-                shard=shard,
-                dtype=entry["dtype"],
-                shape=tuple(entry["shape"]),
-                data_start=data_offset + begin,
-                data_end=data_offset + end,
-            )
+                raise ModelError(
+                    f"two down-projection weights for layer {layer}: {projections[layer].name} and {tensor.name}"
+                )
+            projections[layer] = DownProjection(**vars(tensor), layer=layer)
+    if weight_map is not None:
+        _check_index(source.path, weight_map, where)
     expected = num_decoder_layers(config)
     if sorted(projections) != list(range(expected)):
         found = ", ".join(str(layer) for layer in sorted(projections)) or "none"
@@ -315,10 +396,58 @@ def open_checkpoint(source: ModelSource) -> Checkpoint:
         architecture=architecture,
         shards=tuple(shards),
         down_projections=tuple(projections[layer] for layer in range(expected)),
+        tensors=tuple(tensors),
+        files=tuple(name for name in files if name not in shards),
     )
 
 
-def _shard_files(path: Path) -> list[str]:
+def _stored_tensors(path: Path, shard: str) -> list[StoredTensor]:
+    data_offset, header = read_safetensors_header(path)
+    size = path.stat().st_size
+    tensors = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(offset, int) for offset in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= size - data_offset
+        ):
+            raise ModelError(f"{path}: tensor {name} has invalid or out-of-file data offsets {offsets!r}")
+        tensors.append(
+            StoredTensor(
+                name=name,
+                shard=shard,
+                dtype=str(entry.get("dtype")),
+                shape=tuple(entry.get("shape") or ()),
+                data_start=data_offset + offsets[0],
+                data_end=data_offset + offsets[1],
+            )
+        )
+    return tensors
+
+
+def _check_index(path: Path, weight_map: dict[str, str], where: dict[str, str]) -> None:
+    """Every indexed tensor in the shard the index names; no tensor of a shard missing from the index."""
+    for name, shard in weight_map.items():
+        if where.get(name) != shard:
+            found = f"it is in {where[name]}" if name in where else "no shard holds it"
+            raise ModelError(
+                f"{path}: {INDEX_FILE} lists tensor {name} in {shard}, but {found}",
+                hint="the checkpoint is incomplete or its index is stale; re-save it with save_pretrained",
+            )
+    for name, shard in where.items():
+        if name not in weight_map:
+            raise ModelError(
+                f"{path}: {shard} holds tensor {name}, which {INDEX_FILE} does not list",
+                hint="the checkpoint's index is stale; re-save it with save_pretrained",
+            )
+
+
+def _shard_files(path: Path) -> tuple[list[str], dict[str, str] | None]:
+    """The shard names (checked to stay inside ``path``) and the index's weight map, if any."""
     index_path = path / INDEX_FILE
     if index_path.is_file():
         weight_map = read_json_object(index_path).get("weight_map")
@@ -326,17 +455,62 @@ def _shard_files(path: Path) -> list[str]:
             raise ModelError(
                 f"{index_path}: weight_map must be an object of tensor name -> shard file", hint=_CORRUPT_HINT
             )
+        roots = _link_roots(path)
+        for shard in weight_map.values():
+            _check_link(inside(path, shard, source=index_path), roots)
         shards = sorted(set(weight_map.values()))
         missing = [shard for shard in shards if not (path / shard).is_file()]
         if missing:
             raise ModelError(f"{path}: shards listed in {INDEX_FILE} are missing: {', '.join(missing)}")
-        return shards
+        return shards, weight_map
     if (path / SINGLE_FILE).is_file():
-        return [SINGLE_FILE]
+        return [SINGLE_FILE], None
     raise ModelError(
         f"{path} has no safetensors weights ({SINGLE_FILE} or {INDEX_FILE})",
         hint="kvwctl reads safetensors only; convert the checkpoint with save_pretrained first",
     )
+
+
+def _link_roots(path: Path) -> list[Path]:
+    """Where a link in the checkpoint ``path`` may point: inside it, or its Hub cache's blobs."""
+    roots = [path.resolve()]
+    if path.parent.name == "snapshots" and (path.parent.parent / "blobs").is_dir():
+        roots.append((path.parent.parent / "blobs").resolve())  # a huggingface_hub cache snapshot
+    return roots
+
+
+def _check_link(file: Path, roots: list[Path]) -> None:
+    """Refuse a file that is, or lies under, a link resolving outside every root."""
+    target = file.resolve()
+    if not any(target == root or root in target.parents for root in roots):
+        raise ModelError(
+            f"{file} is a symlink to {target}, outside the checkpoint",
+            hint="kvwctl follows links only inside the checkpoint or its Hub cache; copy the file in (cp -L)",
+        )
+
+
+def _checkpoint_files(path: Path) -> list[str]:
+    """Every file of the checkpoint (hidden entries skipped), each link checked by the rule above."""
+    roots = _link_roots(path)
+    names = []
+    for directory, subdirectories, filenames in os.walk(path):
+        base = Path(directory)
+        subdirectories[:] = sorted(name for name in subdirectories if not name.startswith("."))
+        for name in subdirectories:
+            if (base / name).is_symlink():
+                raise ModelError(
+                    f"{base / name} is a symlink to a directory ({os.readlink(base / name)}); kvwctl does not follow it",
+                    hint="copy the directory into the checkpoint (cp -rL)",
+                )
+        for name in sorted(filenames):
+            file = base / name
+            relative = file.relative_to(path)
+            if relative.parts[0].startswith("."):
+                continue
+            _check_link(file, roots)
+            if file.is_file():
+                names.append(relative.as_posix())
+    return names
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -357,23 +531,21 @@ def copy_patched_shard(source: Path, target: Path, patches: dict[tuple[int, int]
             stream.write(data)
 
 
-def carry_over_files(source: Path, target: Path, *, skip: set[str]) -> list[str]:
+def carry_over_files(checkpoint: Checkpoint, target: Path, *, skip: set[str]) -> list[str]:
     """Copy every non-weight file of a checkpoint (tokenizer, processor, configs, templates).
 
-    Returns the files left out because they hold weights in another format.
+    The files are those :func:`open_checkpoint` listed and checked; links are copied as the regular
+    files they point to (inside the checkpoint or its Hub cache, by the rule above). Returns the
+    files left out because they hold weights in another format.
     """
     left_out = []
-    for path in sorted(source.rglob("*")):
-        relative = path.relative_to(source)
-        if relative.parts[0].startswith(".") or not path.is_file():
-            continue
-        name = relative.as_posix()
+    for name in checkpoint.files:
         if name in skip:
             continue
-        if path.suffix in FOREIGN_WEIGHT_SUFFIXES:
+        if Path(name).suffix in FOREIGN_WEIGHT_SUFFIXES:
             left_out.append(name)
             continue
-        destination = target / relative
+        destination = inside(target, name, source=checkpoint.path)
         destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, destination)  # follows the Hub cache's symlinks to blobs
+        shutil.copyfile(checkpoint.path / name, destination)  # follows the Hub cache's links to blobs
     return left_out

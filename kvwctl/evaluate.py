@@ -30,7 +30,7 @@ from kvwctl.console import NullTracker, Tracker
 from kvwctl.conversation import ChatRenderer, RenderedSample
 from kvwctl.data import Sample, load_samples
 from kvwctl.errors import DataError, UsageError
-from kvwctl.files import check_output_file, committed_together, file_sha256, write_json_atomically
+from kvwctl.files import check_outputs, committed_together, file_sha256, write_json_atomically
 from kvwctl.metrics import (
     METRICS,
     Results,
@@ -283,12 +283,16 @@ def run_eval(
     samples_out = samples_out or default_samples_path(out)
     if samples_out.resolve() == out.resolve():
         raise UsageError(f"the report and the per-sample file are both {out}", hint="choose another --samples-out")
-    check_output_file(out, force=options.force)
-    check_output_file(samples_out, force=options.force)
     torch_device = select_device(options.device)
     evaluated = [load_split(name, path) for name, path in splits.items()]
     check_requirements_have_values(parsed, {split.name: split.with_options for split in evaluated})
     checkpoints = {role: open_checkpoint(resolve_model(spec.reference, spec.revision)) for role, spec in models.items()}
+    inputs = [
+        *(path for checkpoint in checkpoints.values() for path in checkpoint.input_paths),
+        *splits.values(),
+        *(image for split in evaluated for sample in split.samples for image in sample.images),
+    ]
+    check_outputs(files=[out, samples_out], inputs=inputs, force=options.force)
 
     import torch
 

@@ -76,7 +76,12 @@ def load_model(checkpoint: Checkpoint, *, device: torch.device, dtype: torch.dty
     quiet_transformers()
     architecture = checkpoint.architecture
     model_class = getattr(transformers, architecture.auto_class)
-    model = model_class.from_pretrained(checkpoint.path, dtype=dtype, trust_remote_code=False)
+    # ignore_mismatched_sizes: a weight whose shape disagrees with config.json is reported in the
+    # loading info (and refused below, by name) instead of raising from inside transformers.
+    model, loading_info = model_class.from_pretrained(
+        checkpoint.path, dtype=dtype, trust_remote_code=False, output_loading_info=True, ignore_mismatched_sizes=True
+    )
+    check_loading_info(checkpoint, model, loading_info)
     model.to(device).eval()
     if architecture.multimodal:
         processor = transformers.AutoProcessor.from_pretrained(checkpoint.path)
@@ -93,6 +98,34 @@ def load_model(checkpoint: Checkpoint, *, device: torch.device, dtype: torch.dty
         device=device,
         dtype=dtype,
     )
+
+
+def check_loading_info(checkpoint: Checkpoint, model: Any, loading_info: dict[str, Any]) -> None:
+    """Refuse a model whose weights are not exactly the checkpoint's, naming the tensors.
+
+    transformers initialises a missing weight at random and keeps going; kvwctl would then profile,
+    edit or evaluate a model that is not the one it fingerprinted. Tied weights (``lm_head`` with
+    ``tie_word_embeddings``) are filled from their source and are not missing.
+    """
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    missing = sorted(
+        key
+        for key in loading_info.get("missing_keys", ())
+        if key not in tied or tied[key] in loading_info["missing_keys"]
+    )
+    problems = [f"missing from the checkpoint (transformers would initialise it at random): {key}" for key in missing]
+    problems += [
+        f"not a weight of {type(model).__name__}: {key}" for key in sorted(loading_info.get("unexpected_keys", ()))
+    ]
+    for key, stored, expected in sorted(loading_info.get("mismatched_keys", ()), key=lambda item: item[0]):
+        problems.append(f"shape {list(stored)} on disk, but config.json makes it {list(expected)}: {key}")
+    problems += [str(message) for message in loading_info.get("error_msgs", ())]
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise ModelError(
+            f"{checkpoint.path}: the weights do not fit the model that config.json describes:\n  " + "\n  ".join(shown),
+            hint="the checkpoint is incomplete, altered or saved for another architecture; re-save it with save_pretrained",
+        )
 
 
 def down_projection_modules(model: Any, checkpoint: Checkpoint) -> list[Any]:

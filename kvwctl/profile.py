@@ -27,7 +27,7 @@ from kvwctl.checkpoint import ModelSpec, open_checkpoint, resolve_model
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.conversation import RenderedSample
 from kvwctl.data import load_samples
-from kvwctl.files import check_output_file, file_sha256
+from kvwctl.files import check_outputs, file_sha256
 from kvwctl.modeling import (
     CoefficientCollector,
     LoadedModel,
@@ -84,9 +84,10 @@ def run_profile(
     """Profile ``data`` on ``model`` and write the profile to ``out`` (see the module docstring)."""
     tracker = tracker or NullTracker()
     split, positions, batch_size = options.split, options.positions, options.batch_size
-    check_output_file(out, force=options.force)
     samples = load_samples(data)
     checkpoint = open_checkpoint(resolve_model(model.reference, model.revision))
+    images = [image for sample in samples for image in sample.images]
+    check_outputs(files=[out], inputs=[*checkpoint.input_paths, data, *images], force=options.force)
     fingerprint = checkpoint.fingerprint()
     torch_device = select_device(options.device)
     torch_dtype = select_dtype(options.dtype, torch_device, checkpoint.config)

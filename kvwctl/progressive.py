@@ -38,7 +38,7 @@ from kvwctl.checkpoint import ModelSpec, open_checkpoint, resolve_model
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.data import load_samples
 from kvwctl.errors import ArtifactError, ModelError
-from kvwctl.files import check_output_dir, check_output_file, committed_together, file_sha256
+from kvwctl.files import check_outputs, committed_together, file_sha256
 from kvwctl.method import (
     batch_ranges,
     check_gamma,
@@ -76,11 +76,12 @@ def run_progressive(
 
     gamma, batch_size, force = options.gamma, options.batch_size, options.force
     tracker = tracker or NullTracker()
-    source = resolve_model(model.reference, model.revision)
-    check_output_dir(out, inputs=[source.path], force=force)
+    checkpoint = open_checkpoint(resolve_model(model.reference, model.revision))
+    samples = load_samples(forget_data)
     exposure_path = exposure_out or out.parent / f"{out.name}.{EXPOSURE_FILE}"
-    check_output_file(exposure_path, force=force)
-    checkpoint = open_checkpoint(source)
+    images = [image for sample in samples for image in sample.images]
+    inputs = [*checkpoint.input_paths, forget_data, *images, retain_profile]
+    check_outputs(files=[exposure_path], directories=[out], inputs=inputs, force=force)
     selected = parse_layers(options.layers, checkpoint.num_layers)
     retain = read_artifact(retain_profile, PROFILE_FORMAT)
     if retain.metadata.get("split") != "retain":
@@ -88,7 +89,6 @@ def run_progressive(
     fingerprint = checkpoint.fingerprint()
     check_fits_model(retain, checkpoint, fingerprint)
     positions = retain.metadata["positions"]
-    samples = load_samples(forget_data)
 
     torch_device = select_device(options.device)
     torch_dtype = select_dtype(options.dtype, torch_device, checkpoint.config)

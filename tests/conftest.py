@@ -15,6 +15,14 @@ from helpers import MULTIMODAL, TEXT_ONLY
 from kvwctl.testing import build_checkpoint, write_samples
 
 
+@pytest.fixture(autouse=True)
+def hash_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test's fingerprint hash cache in a temporary directory, never the user's ~/.cache."""
+    path = tmp_path_factory.getbasetemp() / "kvw-cache"
+    monkeypatch.setenv("KVW_CACHE_DIR", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """model_type -> a tiny checkpoint in the Hub on-disk layout (read-only: copy to modify)."""

@@ -315,6 +315,7 @@ def test_apply_refuses_existing_output_and_replaces_it_with_force(
     out = tmp_path / "o"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    (out / "kvw_manifest.json").write_text('{"tool": "kvwctl"}')  # --force replaces only kvwctl's outputs
     args: list[str | Path] = [
         "apply", "--model", checkpoints["qwen2"], "--accessor", profiles["qwen2-accessor"], "--out", out
     ]  # fmt: skip

@@ -209,8 +209,12 @@ def test_read_only_output_parent_is_refused_before_work(
 
 def test_outputs_committed_together_are_all_or_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first, second = tmp_path / "report.json", tmp_path / "samples.jsonl"
-    first.write_text("old report")
-    second.write_text("old samples")
+    old_report, old_samples = (
+        '{"format": "kvwctl.eval/2"}',
+        '{"role": "model", "split": "s", "id": "1", "generation": ""}\n',
+    )
+    first.write_text(old_report)  # kvwctl's own outputs: only those may be replaced
+    second.write_text(old_samples)
     replace = os.replace
 
     def second_rename_fails(source: Any, target: Any) -> None:
@@ -222,7 +226,7 @@ def test_outputs_committed_together_are_all_or_none(tmp_path: Path, monkeypatch:
     with pytest.raises(KvwError, match="No space left on device"), committed_together() as outputs:
         outputs.file(first).write_text("new report")
         outputs.file(second).write_text("new samples")
-    assert (first.read_text(), second.read_text()) == ("old report", "old samples")  # the old pair, both
+    assert (first.read_text(), second.read_text()) == (old_report, old_samples)  # the old pair, both
     assert debris(tmp_path) == []
 
     with pytest.raises(RuntimeError), committed_together() as outputs:

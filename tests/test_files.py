@@ -11,8 +11,7 @@ import pytest
 from kvwctl.errors import KvwError
 from kvwctl.files import (
     atomic_file,
-    check_output_dir,
-    check_output_file,
+    check_outputs,
     file_sha256,
     staged_output_dir,
     write_json_atomically,
@@ -78,6 +77,7 @@ def test_staged_output_dir_with_force_replaces_the_old_dir_and_removes_it(tmp_pa
     out = tmp_path / "model"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    (out / "kvw_manifest.json").write_text('{"tool": "kvwctl"}')  # only kvwctl's own outputs are replaced
     with staged_output_dir(out, force=True) as staging:
         (staging / "new.txt").write_text("new")
     assert sorted(path.name for path in out.iterdir()) == ["new.txt"]
@@ -125,15 +125,15 @@ def test_write_text_atomically_writes_utf8_without_newline_translation(tmp_path:
 
 def test_check_output_file_errors(tmp_path: Path) -> None:
     out = tmp_path / "profile.safetensors"
-    check_output_file(out, force=False)  # absent: fine
+    check_outputs(files=[out], inputs=[], force=False)  # absent: fine
     out.write_bytes(b"")
     with pytest.raises(KvwError, match="already exists") as error:
-        check_output_file(out, force=False)
+        check_outputs(files=[out], inputs=[], force=False)
     assert error.value.message == f"output {out} already exists"
     assert error.value.hint == "pass --force to replace it"
-    check_output_file(out, force=True)
+    check_outputs(files=[out], inputs=[], force=True)
     with pytest.raises(KvwError) as error:
-        check_output_file(tmp_path, force=True)
+        check_outputs(files=[tmp_path], inputs=[], force=True)
     assert error.value.message == f"output {tmp_path} is a directory; expected a file path"
 
 
@@ -141,20 +141,20 @@ def test_check_output_dir_errors(tmp_path: Path) -> None:
     model = tmp_path / "model"
     model.mkdir()
     out = tmp_path / "out"
-    check_output_dir(out, inputs=[model], force=False)  # absent: fine
-    for overlapping in (model, model / "inside", tmp_path):
+    check_outputs(directories=[out], inputs=[model], force=False)  # absent: fine
+    for overlapping, how in ((model, "the same file"), (model / "inside", "inside it"), (tmp_path, "it contains it")):
         with pytest.raises(KvwError) as error:
-            check_output_dir(overlapping, inputs=[model], force=True)
-        assert error.value.message == f"output {overlapping} overlaps the input {model.resolve()}"
-        assert error.value.hint == "kvwctl never writes into its input: choose another --out"
+            check_outputs(directories=[overlapping], inputs=[model], force=True)
+        assert error.value.message == f"output {overlapping} overlaps the input {model} ({how})"
+        assert error.value.hint == "kvwctl never writes into or over its inputs: choose another output path"
     out.mkdir()
     with pytest.raises(KvwError) as error:
-        check_output_dir(out, inputs=[model], force=False)
+        check_outputs(directories=[out], inputs=[model], force=False)
     assert error.value.message == f"output {out} already exists"
-    check_output_dir(out, inputs=[model], force=True)
+    check_outputs(directories=[out], inputs=[model], force=True)
     (tmp_path / "file").write_text("")
     with pytest.raises(KvwError) as error:
-        check_output_dir(tmp_path / "file", inputs=[model], force=True)
+        check_outputs(directories=[tmp_path / "file"], inputs=[model], force=True)
     assert error.value.message == f"output {tmp_path / 'file'} exists and is not a directory"
 
 
