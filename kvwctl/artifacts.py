@@ -63,6 +63,13 @@ def write_artifact(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[
     save_safetensors_atomically(tensors, path, metadata)
 
 
+def artifact_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The bytes :func:`write_artifact` writes for ``tensors`` and ``metadata``."""
+    from safetensors.torch import save
+
+    return save({name: tensor.contiguous() for name, tensor in tensors.items()}, metadata=metadata)
+
+
 def read_artifact(path: Path, expected_format: str) -> Artifact:
     from safetensors import SafetensorError, safe_open
 

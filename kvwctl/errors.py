@@ -57,6 +57,10 @@ class ArtifactError(KvwError):
     """A stage file (profile, accessor) has the wrong format, shapes or model fingerprint."""
 
 
+class VerificationError(KvwError):
+    """``kvwctl verify`` found a checkpoint that differs from its manifest or from the edit it claims."""
+
+
 def interrupted(error: BaseException) -> bool:
     """Whether ``error`` is a ``KeyboardInterrupt`` or was raised while handling one.
 

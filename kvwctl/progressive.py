@@ -22,23 +22,24 @@ progressive runs compare file to file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
-from kvwctl.apply import EXPOSURE_FILE, ApplyResult, write_weakened_checkpoint
+from kvwctl.apply import EXPOSURE_FILE, ApplyResult, recorded_path, write_weakened_checkpoint
 from kvwctl.artifacts import (
     PROFILE_FORMAT,
+    artifact_bytes,
     check_fits_model,
     exposure_metadata,
     read_artifact,
     retain_coefficients,
-    write_artifact,
 )
 from kvwctl.checkpoint import ModelSpec, open_checkpoint, resolve_model
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.data import load_samples
 from kvwctl.errors import ArtifactError
-from kvwctl.files import check_output_dir, check_output_file, file_sha256
+from kvwctl.files import atomic_file, check_output_dir, check_output_file, file_sha256
 from kvwctl.method import (
     batch_ranges,
     forget_accessor,
@@ -126,17 +127,22 @@ def run_progressive(
         retain_profile=str(retain_profile),
         retain_profile_sha256=file_sha256(retain_profile),
     )
+    # The exposure file's bytes exist before the checkpoint, so the manifest can record their hash.
+    exposure_bytes = artifact_bytes(
+        {f"layers.{layer}.exposure": exposure for layer, exposure in enumerate(exposures)}, metadata
+    )
     provenance = {
         "mode": "progressive",
         "progressive": {
-            "forget_data": str(forget_data),
+            "forget_data": recorded_path(forget_data, out),
             "forget_data_sha256": metadata["forget_data_sha256"],
-            "retain_profile": str(retain_profile),
+            "retain_profile": recorded_path(retain_profile, out),
             "retain_profile_sha256": metadata["retain_profile_sha256"],
             "batch_size": batch_size,
             "num_batches": len(batches),
             "positions": positions,
-            "exposure_file": str(exposure_path),
+            "exposure_file": recorded_path(exposure_path, out),
+            "exposure_sha256": hashlib.sha256(exposure_bytes).hexdigest(),
             "layer_summary": [vars(summary) for summary in summarize_exposures(exposures)],
         },
     }
@@ -152,7 +158,6 @@ def run_progressive(
         provenance=provenance,
         tracker=tracker,
     )
-    write_artifact(
-        exposure_path, {f"layers.{layer}.exposure": exposure for layer, exposure in enumerate(exposures)}, metadata
-    )
+    with atomic_file(exposure_path) as temporary:
+        temporary.write_bytes(exposure_bytes)
     return result
