@@ -58,7 +58,7 @@ from kvwctl.checkpoint import (
     resolve_model,
 )
 from kvwctl.console import NullTracker, Tracker
-from kvwctl.errors import ArtifactError, VerificationError
+from kvwctl.errors import ArtifactError, UsageError, VerificationError
 from kvwctl.files import file_sha256
 from kvwctl.method import gates, scale_vectors
 from kvwctl.options import VerifyOptions
@@ -181,10 +181,12 @@ def check_chain(manifest: dict[str, Any]) -> int:
         depth += 1
         previous = current["previous_manifest"]
         check_manifest(previous, f"{MANIFEST_FILE}: previous_manifest ({depth} back)")
-        if "input_shards" in current and current["input_shards"] != previous["shards"]:
+        inputs, outputs = current.get("input_shards"), previous["shards"]
+        if inputs is not None and inputs != outputs:
+            shard = next(name for name in sorted({*inputs, *outputs}) if inputs.get(name) != outputs.get(name))
             raise VerificationError(
-                f"{MANIFEST_FILE}: previous_manifest ({depth} back) has shards {previous['shards']}, but the "
-                f"input of the run after it had {current['input_shards']}",
+                f"{MANIFEST_FILE}: previous_manifest ({depth} back) says shard {shard} had sha256 "
+                f"{outputs.get(shard)}, but the input of the run after it had {inputs.get(shard)}",
                 hint="the input of that run was not the previous run's output as it was written",
             )
         current = previous
@@ -243,7 +245,7 @@ def run_verify(
     if base is None and accessor is None:
         return result
     if base is None or accessor is None:
-        raise AssertionError("run_verify takes base and accessor together")
+        raise UsageError("--base and --accessor go together")
     return _verify_edit(output, manifest, result, base, accessor, options, tracker)
 
 
