@@ -12,7 +12,10 @@ byte ranges of the edited down-projection weights are overwritten, so every othe
 shard layout, the index and the headers are identical to the input. An edited weight is
 ``W * exp(-gamma * E)`` along the vector axis, computed in float32 from the **original** stored
 weight and rounded once to the stored dtype. The directory is staged beside ``--out`` and renamed
-into place at the end, with ``kvw_manifest.json`` recording how it was made.
+into place at the end, with ``kvw_manifest.json`` recording how it was made: with the sha256 of
+every input and output shard, the package versions and the device, ``kvwctl verify`` can check the
+checkpoint later and recompute the edit (:mod:`kvwctl.verify`). Paths in the manifest are relative
+to its directory when they lie under it, else recorded as given (:func:`recorded_path`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from kvwctl import __version__
 from kvwctl.artifacts import ACCESSOR_FORMAT, check_fits_model, read_artifact
 from kvwctl.checkpoint import (
+    MANIFEST_FORMAT,
     Checkpoint,
     ModelSpec,
     carry_over_files,
@@ -59,6 +63,28 @@ EXPOSURE_FILE = "exposure.safetensors"
 
 
 SCALING = "W * exp(-gamma * E) per knowledge vector, float32, rounded once to the stored dtype"
+# The packages whose code computes or writes an edited weight (their versions go in the manifest).
+RECORDED_PACKAGES = ("torch", "transformers", "safetensors")
+
+
+def recorded_path(path: Path, manifest_dir: Path) -> str:
+    """``path`` as the manifest in ``manifest_dir`` records it.
+
+    Relative to ``manifest_dir`` (POSIX separators) when it lies under it, so the record survives
+    moving the checkpoint; otherwise as the user gave it, since nothing better is known about
+    where it will be found later.
+    """
+    try:
+        return path.resolve().relative_to(manifest_dir.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def package_versions() -> dict[str, str]:
+    """The versions of kvwctl and of :data:`RECORDED_PACKAGES`, as installed."""
+    from importlib.metadata import version
+
+    return {"kvwctl": __version__, **{name: version(name) for name in RECORDED_PACKAGES}}
 
 
 @dataclass(frozen=True)
@@ -77,12 +103,15 @@ class Manifest:
     """How a weakened checkpoint was made; :meth:`to_json` is the content of ``kvw_manifest.json``."""
 
     tool_version: str
+    versions: dict[str, str]  # package -> version: kvwctl, torch, transformers, safetensors
     created: str
     input_model: dict[str, Any]
+    input_shards: dict[str, str]  # input shard file -> sha256
     provenance: dict[str, Any]  # "mode" and the inputs of that mode
     gamma: float
     layers: list[int]
     vector_axis: int
+    device: str  # the device type the gates were computed on ("cpu", "cuda")
     per_layer: dict[int, LayerEdit]  # by layer, ascending
     shards: dict[str, str]  # shard file -> sha256
     not_carried_over: list[str]
@@ -96,15 +125,19 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         """The manifest as the JSON object written to ``kvw_manifest.json`` (keys in file order)."""
         return {
+            "format": MANIFEST_FORMAT,
             "tool": "kvwctl",
             "tool_version": self.tool_version,
+            "versions": self.versions,
             "created": self.created,
             "input_model": self.input_model,
+            "input_shards": self.input_shards,
             **self.provenance,
             "gamma": self.gamma,
             "layers": self.layers,
             "vector_axis": self.vector_axis,
             "scaling": SCALING,
+            "device": self.device,
             "per_layer": {str(layer): asdict(edit) for layer, edit in sorted(self.per_layer.items())},
             "shards": self.shards,
             "not_carried_over": self.not_carried_over,
@@ -148,6 +181,7 @@ def write_weakened_checkpoint(
     edits = {layer: checkpoint.down_projections[layer] for layer in layers}
     layer_edits: dict[int, LayerEdit] = {}
     shard_hashes: dict[str, str] = {}
+    input_hashes: dict[str, str] = {}
     # The output's tensor digests: the input's, with every edited tensor's bytes hashed as written.
     output_digests = dict(checkpoint.tensor_digests())
     with ExitStack() as stack:
@@ -184,21 +218,24 @@ def write_weakened_checkpoint(
             target = inside(staging, shard, source=checkpoint.path)
             if target.parent != staging and staging.is_dir():  # a shard in a subfolder (never re-create
                 target.parent.mkdir(parents=True, exist_ok=True)  # a staging directory that vanished)
-            copy_patched_shard(checkpoint.path / shard, target, patches)
-            shard_hashes[shard] = file_sha256(target)
+            copied = copy_patched_shard(checkpoint.path / shard, target, patches)
+            input_hashes[shard], shard_hashes[shard] = copied.input_sha256, copied.output_sha256
         previous = checkpoint.path / MANIFEST_FILE
         manifest = Manifest(
             tool_version=__version__,
+            versions=package_versions(),
             created=now(),
             input_model={
                 **checkpoint.source.describe(),
                 "fingerprint": input_fingerprint,
                 "model_type": checkpoint.architecture.model_type,
             },
+            input_shards=input_hashes,
             provenance=provenance,
             gamma=gamma,
             layers=layers,
             vector_axis=axis,
+            device=device.type,
             per_layer=dict(sorted(layer_edits.items())),
             shards=shard_hashes,
             not_carried_over=left_out,
@@ -238,7 +275,7 @@ def run_apply(
     provenance = {
         "mode": "one-shot",
         "accessor": {
-            "path": str(accessor),
+            "path": recorded_path(accessor, out),
             "sha256": file_sha256(accessor),
             "batch_size": int(artifact.metadata["batch_size"]),
             "mode": artifact.metadata["mode"],

@@ -50,6 +50,7 @@ from kvwctl.files import cached_digests, inside
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+MANIFEST_FORMAT = "kvwctl.manifest/1"
 HUB_ALLOW_PATTERNS = [
     "*.safetensors",
     "*.json",
@@ -59,6 +60,7 @@ HUB_ALLOW_PATTERNS = [
     "*.tiktoken",
     "tokenizer*",
 ]
+COPY_BLOCK_SIZE = 1 << 24  # bytes read at a time when a shard is copied and hashed
 # Weight formats that are never carried into an output: they would hold the unedited weights.
 FOREIGN_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 
@@ -516,19 +518,43 @@ def _checkpoint_files(path: Path) -> list[str]:
 # --- writing -------------------------------------------------------------------------------------
 
 
-def copy_patched_shard(source: Path, target: Path, patches: dict[tuple[int, int], bytes]) -> None:
-    """Copy a shard byte for byte, then overwrite the byte ranges of edited tensors in place.
+@dataclass(frozen=True)
+class ShardCopy:
+    """The SHA-256 of a shard as it was read and of the copy as it was written."""
+
+    input_sha256: str
+    output_sha256: str
+
+
+def copy_patched_shard(source: Path, target: Path, patches: dict[tuple[int, int], bytes]) -> ShardCopy:
+    """Copy a shard byte for byte with the byte ranges of edited tensors replaced; hash both sides.
 
     Edited tensors keep their dtype and shape, so the header and every other byte of the file
-    stay identical to the input: untouched tensors are byte-identical by construction.
+    stay identical to the input: untouched tensors are byte-identical by construction. Both files
+    are hashed as the bytes stream through, so neither is read a second time for its hash.
     """
-    shutil.copyfile(source, target)
-    with target.open("r+b") as stream:
-        for (start, end), data in patches.items():
-            if len(data) != end - start:
-                raise AssertionError(f"patch for bytes {start}:{end} has {len(data)} bytes")
-            stream.seek(start)
-            stream.write(data)
+    for (start, end), data in patches.items():
+        if len(data) != end - start:
+            raise AssertionError(f"patch for bytes {start}:{end} has {len(data)} bytes")
+    input_digest, output_digest = hashlib.sha256(), hashlib.sha256()
+    position = 0
+    with source.open("rb") as reader, target.open("wb") as writer:
+        while block := reader.read(COPY_BLOCK_SIZE):
+            input_digest.update(block)
+            block_end = position + len(block)
+            patched = None
+            for (start, end), data in patches.items():
+                low, high = max(start, position), min(end, block_end)
+                if low < high:
+                    patched = patched if patched is not None else bytearray(block)
+                    patched[low - position : high - position] = data[low - start : high - start]
+            written = block if patched is None else bytes(patched)
+            output_digest.update(written)
+            writer.write(written)
+            position = block_end
+    if any(end > position for _, end in patches):
+        raise AssertionError(f"a patch ends beyond the {position} bytes of {source}")
+    return ShardCopy(input_sha256=input_digest.hexdigest(), output_sha256=output_digest.hexdigest())
 
 
 def carry_over_files(checkpoint: Checkpoint, target: Path, *, skip: set[str]) -> list[str]:

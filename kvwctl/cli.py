@@ -33,8 +33,9 @@ import typer
 
 from kvwctl import __version__, console
 from kvwctl.config import load_config, parse_named_paths, require
+from kvwctl.console import show_inputs as _show_inputs
 from kvwctl.errors import Terminated, UsageError, exit_code_for, interruption
-from kvwctl.options import AccessorOptions, ApplyOptions, EvalOptions, ProfileOptions, fill, help_text
+from kvwctl.options import AccessorOptions, ApplyOptions, EvalOptions, ProfileOptions, VerifyOptions, fill, help_text
 
 app = typer.Typer(
     name="kvwctl",
@@ -145,12 +146,6 @@ def _emit(path: Path, summary: dict[str, Any], as_json: bool) -> None:
         typer.echo(json.dumps({"path": str(path), **summary}, indent=2, default=str, allow_nan=False))
     else:
         typer.echo(str(path))
-
-
-def _show_inputs(title: str, values: dict[str, Any]) -> None:
-    from kvwctl.tables import inputs_table
-
-    console.show(inputs_table(title, values))
 
 
 def _version(value: bool) -> None:
@@ -412,6 +407,31 @@ def evaluate(
             hint=f"the report with every requirement's outcome is in {result.path}",
         )
     _emit(result.path, summary, json_output)
+
+
+@command()
+def verify(
+    checkpoint_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A checkpoint directory written by apply")],
+    base: Annotated[str | None, _flag("--base", "The model it was made from, to recompute the edit")] = None,
+    revision: Annotated[str | None, _flag("--revision", "Hub branch, tag or commit of --base")] = None,
+    accessor_path: Annotated[Path | None, _flag("--accessor", "Its accessor or exposure file (with --base)")] = None,
+    device: Annotated[str | None, _option(VerifyOptions, "device")] = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Check a checkpoint against its kvw_manifest.json; with --base and --accessor, recompute the edit."""
+    from kvwctl.checkpoint import ModelSpec
+    from kvwctl.verify import run_verify
+
+    if (base is None) != (accessor_path is None) or (revision is not None and base is None):
+        raise UsageError("--base and --accessor go together (and --revision needs --base)")
+    options = fill(VerifyOptions, {"device": device})
+    spec = ModelSpec(base, revision) if base is not None else None
+    with console.progress_tracker() as tracker:
+        result = run_verify(checkpoint_dir, options, base=spec, accessor=accessor_path, tracker=tracker)
+    console.info("Verified: " + "; ".join(result.checks))
+    _emit(result.path, result.to_json(), json_output)
 
 
 @app.command()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -66,6 +66,13 @@ def show(renderable: object) -> None:
     """A Rich table or other renderable on stderr (silenced by ``--quiet``)."""
     if not _quiet:
         stderr_console().print(renderable)
+
+
+def show_inputs(title: str, values: dict[str, Any]) -> None:
+    """The resolved inputs of a command, as a table on stderr."""
+    from kvwctl.tables import inputs_table
+
+    show(inputs_table(title, values))
 
 
 def set_library_output(show: bool) -> None:

@@ -80,6 +80,10 @@ class ArtifactError(KvwError):
     """A stage file (profile, accessor) has the wrong format, shapes or model fingerprint."""
 
 
+class VerificationError(KvwError):
+    """``kvwctl verify`` found a checkpoint that differs from its manifest or from the edit it claims."""
+
+
 def interruption(error: BaseException) -> KeyboardInterrupt | Terminated | None:
     """The ``KeyboardInterrupt`` or :class:`Terminated` that ``error`` is or was raised while handling.
 

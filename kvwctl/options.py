@@ -247,7 +247,22 @@ class EvalOptions:
             parse_requirement(text)
 
 
-STAGE_OPTIONS: tuple[type, ...] = (ProfileOptions, AccessorOptions, ApplyOptions, EvalOptions)
+@dataclass(frozen=True)
+class VerifyOptions:
+    """``kvwctl verify``: a checkpoint against its manifest and, with a base, the edit it claims."""
+
+    device: str | None = option(
+        None,
+        f"Device to recompute edited weights on, with --base: {DEVICE_CHOICES}",
+        check=_device_problem,
+        shown_default="the device the manifest records (exp may differ in the last bit between devices)",
+    )
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+STAGE_OPTIONS: tuple[type, ...] = (ProfileOptions, AccessorOptions, ApplyOptions, EvalOptions, VerifyOptions)
 
 
 # --- help texts and kvw.toml keys ----------------------------------------------------------------

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
-from kvwctl.apply import EXPOSURE_FILE, ApplyResult, write_weakened_checkpoint
+from kvwctl.apply import EXPOSURE_FILE, ApplyResult, recorded_path, write_weakened_checkpoint
 from kvwctl.artifacts import (
     PROFILE_FORMAT,
     check_fits_model,
@@ -135,27 +136,30 @@ def run_progressive(
         retain_profile=str(retain_profile),
         retain_profile_sha256=file_sha256(retain_profile),
     )
-    provenance = {
+    provenance: dict[str, Any] = {
         "mode": "progressive",
         "progressive": {
-            "forget_data": str(forget_data),
+            "forget_data": recorded_path(forget_data, out),
             "forget_data_sha256": metadata["forget_data_sha256"],
-            "retain_profile": str(retain_profile),
+            "retain_profile": recorded_path(retain_profile, out),
             "retain_profile_sha256": metadata["retain_profile_sha256"],
             "batch_size": batch_size,
             "num_batches": len(batches),
             "positions": positions,
-            "exposure_file": str(exposure_path),
+            "exposure_file": recorded_path(exposure_path, out),
             "layer_summary": [vars(summary) for summary in summarize_exposures(exposures)],
         },
     }
     # The checkpoint's manifest names the exposure file: both are renamed into place, or neither.
+    # The exposure file is staged first, so the manifest can record its hash.
     with committed_together() as outputs:
+        staged_exposure = outputs.file(exposure_path, force=force)
         write_artifact(
-            outputs.file(exposure_path, force=force),
+            staged_exposure,
             {f"layers.{layer}.exposure": exposure for layer, exposure in enumerate(exposures)},
             metadata,
         )
+        provenance["progressive"]["exposure_sha256"] = file_sha256(staged_exposure)
         result = write_weakened_checkpoint(
             checkpoint,
             exposures,

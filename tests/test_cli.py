@@ -330,15 +330,15 @@ def test_failed_apply_leaves_nothing_half_written(
     checkpoints: dict[str, Path], profiles: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import kvwctl.apply
-    from kvwctl.checkpoint import copy_patched_shard
+    from kvwctl.checkpoint import ShardCopy, copy_patched_shard
 
     calls: list[Path] = []
 
-    def failing_copy(source: Path, target: Path, patches: dict[tuple[int, int], bytes]) -> None:
+    def failing_copy(source: Path, target: Path, patches: dict[tuple[int, int], bytes]) -> ShardCopy:
         calls.append(source)
         if len(calls) == 3:
             raise OSError("disk full")
-        copy_patched_shard(source, target, patches)
+        return copy_patched_shard(source, target, patches)
 
     monkeypatch.setattr(kvwctl.apply, "copy_patched_shard", failing_copy)
     from kvwctl.errors import KvwError
