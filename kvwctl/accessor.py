@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kvwctl.artifacts import (
     PROFILE_FORMAT,
@@ -30,9 +31,10 @@ from kvwctl.artifacts import (
     write_artifact,
 )
 from kvwctl.errors import ArtifactError
-from kvwctl.files import check_outputs, file_sha256
+from kvwctl.files import file_sha256
 from kvwctl.method import LayerSummary, batch_accessors, batch_ranges, exposure, summarize_exposures
 from kvwctl.options import AccessorOptions
+from kvwctl.outputs import check_outputs
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,14 @@ class AccessorResult:
     num_batches: int
     batch_size: int
     layers: list[LayerSummary]
+
+    def summary(self) -> dict[str, Any]:
+        """What ``--json`` prints beside the path."""
+        return {
+            "batches": self.num_batches,
+            "batch_size": self.batch_size,
+            "layers": [vars(layer) for layer in self.layers],
+        }
 
 
 def load_profiles(forget_path: Path, retain_path: Path) -> tuple[Artifact, Artifact]:

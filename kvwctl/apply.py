@@ -28,30 +28,15 @@ from typing import TYPE_CHECKING, Any
 
 from kvwctl import __version__
 from kvwctl.artifacts import ACCESSOR_FORMAT, check_fits_model, read_artifact
-from kvwctl.checkpoint import (
-    MANIFEST_FORMAT,
-    Checkpoint,
-    ModelSpec,
-    carry_over_files,
-    copy_patched_shard,
-    open_checkpoint,
-    read_json_object,
-    resolve_model,
-)
+from kvwctl.checkpoint import MANIFEST_FORMAT, Checkpoint, carry_over_files, copy_patched_shard, open_checkpoint
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.errors import ArtifactError, ModelError
-from kvwctl.files import (
-    MANIFEST_FILE,
-    StagedOutputs,
-    check_outputs,
-    committed_together,
-    file_sha256,
-    inside,
-    now,
-    write_json_atomically,
-)
+from kvwctl.files import StagedOutputs, committed_together, file_sha256, now, write_json_atomically
+from kvwctl.headers import read_json_object
 from kvwctl.method import check_gamma, gates, parse_layers, scale_vectors, tensor_bytes
 from kvwctl.options import ApplyOptions
+from kvwctl.outputs import MANIFEST_FILE, check_outputs, inside
+from kvwctl.source import ModelSpec, resolve_model
 
 if TYPE_CHECKING:
     import torch

@@ -21,12 +21,8 @@ from __future__ import annotations
 
 import functools
 import json
-import signal
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -34,7 +30,7 @@ import typer
 from kvwctl import __version__, console
 from kvwctl.config import load_config, parse_named_paths, require
 from kvwctl.console import show_inputs as _show_inputs
-from kvwctl.errors import Terminated, UsageError, exit_code_for, interruption
+from kvwctl.errors import UsageError, describe, exit_code_for, termination_signals_raise
 from kvwctl.options import AccessorOptions, ApplyOptions, EvalOptions, ProfileOptions, VerifyOptions, fill, help_text
 
 app = typer.Typer(
@@ -90,7 +86,7 @@ def _register(function: F, *, name: str | None) -> F:
         console.set_quiet(bool(kwargs.get("quiet")))
         console.set_library_output(bool(kwargs.get("debug")))
         try:
-            with _termination_signals_raise():
+            with termination_signals_raise():
                 return function(*args, **kwargs)
         except typer.Exit:
             raise
@@ -98,46 +94,12 @@ def _register(function: F, *, name: str | None) -> F:
             code = exit_code_for(error)
             if code is None or kwargs.get("debug"):
                 raise
-            cause = interruption(error)
-            if isinstance(cause, Terminated):
-                console.error(f"Terminated ({cause.signal_name}).", label="")
-            elif cause is not None:
-                console.error("Interrupted.", label="")
-            else:
-                console.error(getattr(error, "message", str(error)), hint=getattr(error, "hint", None))
+            label, message, hint = describe(error)
+            console.error(message, hint=hint, label=label)
             raise typer.Exit(code) from None
 
     app.command(name=name)(wrapper)
     return function
-
-
-TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-
-
-@contextmanager
-def _termination_signals_raise() -> Iterator[None]:
-    """While the block runs, SIGTERM and SIGHUP raise ``Terminated``; the previous handlers after.
-
-    Raising (rather than exiting in the handler) unwinds the stack like Ctrl-C does, so every
-    ``finally`` removes what it staged. A repeated signal is ignored once the first one has been
-    raised, so that the cleanup it started is not itself cut short (SIGKILL still ends the process).
-    Signal handlers can only be set from the main thread; elsewhere the block runs unchanged.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signal_number: int, frame: FrameType | None) -> None:
-        for number in TERMINATION_SIGNALS:
-            signal.signal(number, signal.SIG_IGN)
-        raise Terminated(signal_number)
-
-    previous = {number: signal.signal(number, handler) for number in TERMINATION_SIGNALS}
-    try:
-        yield
-    finally:
-        for number, old in previous.items():
-            signal.signal(number, old)
 
 
 def _emit(path: Path, summary: dict[str, Any], as_json: bool) -> None:
@@ -195,23 +157,15 @@ def profile(
     spec = project.model_spec(model, revision)
     data = require(data or project.split(options.split), flag="--data", key=f"splits.{options.split}")
     out = out or project.workdir / f"profile-{options.split}.safetensors"
-    _show_inputs(
-        "profile", {"model": spec.reference, "data": data, "out": out, "revision": spec.revision, **vars(options)}
-    )
+    shown = {"model": spec.reference, "data": data, "out": out, "revision": spec.revision}
+    _show_inputs("profile", shown | {key: value for key, value in vars(options).items() if key != "force"})
     with console.progress_tracker() as tracker:
         result = run_profile(spec, data, out, options, tracker=tracker)
     console.info(
         f"Profiled {result.num_samples} samples, {result.num_positions} positions, {result.num_layers} layers "
         f"-> {result.path}"
     )
-    summary = {
-        "split": result.split,
-        "samples": result.num_samples,
-        "positions": result.num_positions,
-        "layers": result.num_layers,
-        "model_fingerprint": result.fingerprint,
-    }
-    _emit(result.path, summary, json_output)
+    _emit(result.path, result.summary(), json_output)
 
 
 @command()
@@ -243,12 +197,7 @@ def accessor(
     _show_inputs("accessor", {"forget": forget, "retain": retain, "out": out, "batch_size": options.batch_size})
     result = run_accessor(forget, retain, out, options)
     console.show(accessor_table(result))
-    summary = {
-        "batches": result.num_batches,
-        "batch_size": result.batch_size,
-        "layers": [vars(layer) for layer in result.layers],
-    }
-    _emit(result.path, summary, json_output)
+    _emit(result.path, result.summary(), json_output)
 
 
 @command()
@@ -368,7 +317,6 @@ def evaluate(
     debug: DebugOption = False,
 ) -> None:
     """Generation and likelihood metrics of a model (and a baseline) on data splits, with requirements."""
-    from kvwctl.errors import KvwError
     from kvwctl.evaluate import run_eval
     from kvwctl.tables import eval_table
 
@@ -397,16 +345,12 @@ def evaluate(
         console.info(f"requirement {outcome.describe()}")
     console.info(f"Wrote {result.path} and {result.samples_path}")
     summary = {"samples": str(result.samples_path), **result.report.to_json()}
-    if result.failed:
-        if json_output:  # the report is the result a pipeline reads, failed requirements included
-            _emit(result.path, summary, json_output)
-        count = len(result.failed)
-        raise KvwError(
-            f"{count} requirement{'s' if count > 1 else ''} failed: "
-            + "; ".join(outcome.describe() for outcome in result.failed),
-            hint=f"the report with every requirement's outcome is in {result.path}",
-        )
-    _emit(result.path, summary, json_output)
+    failure = result.failure()
+    if failure is not None and not json_output:
+        raise failure
+    _emit(result.path, summary, json_output)  # with --json also on failure: the report is the result
+    if failure is not None:
+        raise failure
 
 
 @command()
@@ -421,7 +365,7 @@ def verify(
     debug: DebugOption = False,
 ) -> None:
     """Check a checkpoint against its kvw_manifest.json; with --base and --accessor, recompute the edit."""
-    from kvwctl.checkpoint import ModelSpec
+    from kvwctl.source import ModelSpec
     from kvwctl.verify import run_verify
 
     if (base is None) != (accessor_path is None) or (revision is not None and base is None):

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from kvwctl.errors import KvwError, UsageError
 
 if TYPE_CHECKING:
-    from kvwctl.checkpoint import ModelSpec
+    from kvwctl.source import ModelSpec
 
 CONFIG_FILE_NAME = "kvw.toml"
 DEFAULT_WORKDIR = "kvw-run"
@@ -65,7 +65,7 @@ class ProjectConfig:
 
     def model_spec(self, flag: str | None, revision: str | None) -> ModelSpec:
         """``--model`` (else kvw.toml's model, else a usage error) with its revision."""
-        from kvwctl.checkpoint import ModelSpec
+        from kvwctl.source import ModelSpec
 
         reference = require(flag or self.model, flag="--model", key="model")
         return ModelSpec(reference, self.revision_for(reference, revision))
@@ -75,7 +75,7 @@ class ProjectConfig:
     ) -> dict[str, ModelSpec]:
         """The roles eval compares. With a kvw.toml and no ``--model``: apply's output
         ``<workdir>/unlearned`` as the model and kvw.toml's model as the baseline."""
-        from kvwctl.checkpoint import ModelSpec
+        from kvwctl.source import ModelSpec
 
         if model is None and self.source is not None:
             model = str(self.workdir / "unlearned")

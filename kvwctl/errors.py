@@ -28,6 +28,12 @@ stage code can swallow it with ``except Exception``.
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -100,6 +106,16 @@ def interruption(error: BaseException) -> KeyboardInterrupt | Terminated | None:
     return None
 
 
+def describe(error: BaseException) -> tuple[str, str, str | None]:
+    """What the catch site prints for an error with an exit code: (label, message, hint)."""
+    cause = interruption(error)
+    if isinstance(cause, Terminated):
+        return "", f"Terminated ({cause.signal_name}).", None
+    if cause is not None:
+        return "", "Interrupted.", None
+    return "Error:", getattr(error, "message", str(error)), getattr(error, "hint", None)
+
+
 def exit_code_for(error: BaseException) -> int | None:
     """The exit code for an exception that reached the command line; None for a bug (traceback)."""
     cause = interruption(error)
@@ -110,3 +126,32 @@ def exit_code_for(error: BaseException) -> int | None:
     if isinstance(error, KvwError):
         return error.exit_code
     return None
+
+
+TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def termination_signals_raise() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGHUP raise ``Terminated``; the previous handlers after.
+
+    Raising (rather than exiting in the handler) unwinds the stack like Ctrl-C does, so every
+    ``finally`` removes what it staged. A repeated signal is ignored once the first one has been
+    raised, so that the cleanup it started is not itself cut short (SIGKILL still ends the process).
+    Signal handlers can only be set from the main thread; elsewhere the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signal_number: int, frame: FrameType | None) -> None:
+        for number in TERMINATION_SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
+        raise Terminated(signal_number)
+
+    previous = {number: signal.signal(number, handler) for number in TERMINATION_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)

@@ -25,12 +25,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvwctl.checkpoint import Checkpoint, ModelSpec, open_checkpoint, resolve_model
+from kvwctl.checkpoint import Checkpoint, open_checkpoint
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.conversation import ChatRenderer, RenderedSample
 from kvwctl.data import Sample, load_samples
-from kvwctl.errors import DataError, UsageError
-from kvwctl.files import check_outputs, committed_together, file_sha256, write_json_atomically
+from kvwctl.errors import DataError, KvwError, UsageError
+from kvwctl.files import committed_together, file_sha256, write_json_atomically
 from kvwctl.metrics import (
     METRICS,
     Results,
@@ -44,6 +44,7 @@ from kvwctl.metrics import (
 )
 from kvwctl.modeling import LoadedModel, encode_batch, encode_prompts, load_model, select_device, select_dtype
 from kvwctl.options import EvalOptions
+from kvwctl.outputs import check_outputs
 from kvwctl.report import EvalReport, EvalSettings, ModelInfo, SplitInfo
 from kvwctl.requirements import (
     RequirementOutcome,
@@ -52,6 +53,7 @@ from kvwctl.requirements import (
     parse_requirement,
     validate_requirements,
 )
+from kvwctl.source import ModelSpec, resolve_model
 
 if TYPE_CHECKING:
     import torch
@@ -246,6 +248,17 @@ class EvalResult:
     @property
     def failed(self) -> list[RequirementOutcome]:
         return self.report.failed
+
+    def failure(self) -> KvwError | None:
+        """The error to exit with when a requirement failed (naming each one), else None."""
+        if not self.failed:
+            return None
+        count = len(self.failed)
+        return KvwError(
+            f"{count} requirement{'s' if count > 1 else ''} failed: "
+            + "; ".join(outcome.describe() for outcome in self.failed),
+            hint=f"the report with every requirement's outcome is in {self.path}",
+        )
 
 
 def default_samples_path(out: Path) -> Path:

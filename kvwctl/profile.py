@@ -20,14 +20,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvwctl.artifacts import PROFILE_FORMAT, model_metadata, write_artifact
-from kvwctl.checkpoint import ModelSpec, open_checkpoint, resolve_model
+from kvwctl.checkpoint import open_checkpoint
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.conversation import RenderedSample
 from kvwctl.data import load_samples
-from kvwctl.files import check_outputs, file_sha256
+from kvwctl.files import file_sha256
 from kvwctl.modeling import (
     CoefficientCollector,
     LoadedModel,
@@ -38,6 +38,8 @@ from kvwctl.modeling import (
     select_dtype,
 )
 from kvwctl.options import ProfileOptions
+from kvwctl.outputs import check_outputs
+from kvwctl.source import ModelSpec, resolve_model
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +53,16 @@ class ProfileResult:
     num_positions: int
     num_layers: int
     fingerprint: str
+
+    def summary(self) -> dict[str, Any]:
+        """What ``--json`` prints beside the path."""
+        return {
+            "split": self.split,
+            "samples": self.num_samples,
+            "positions": self.num_positions,
+            "layers": self.num_layers,
+            "model_fingerprint": self.fingerprint,
+        }
 
 
 def collect_sums(

@@ -35,11 +35,11 @@ from kvwctl.artifacts import (
     retain_coefficients,
     write_artifact,
 )
-from kvwctl.checkpoint import ModelSpec, open_checkpoint, resolve_model
+from kvwctl.checkpoint import open_checkpoint
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.data import load_samples
 from kvwctl.errors import ArtifactError, ModelError
-from kvwctl.files import check_outputs, committed_together, file_sha256
+from kvwctl.files import committed_together, file_sha256
 from kvwctl.method import (
     batch_ranges,
     check_gamma,
@@ -51,6 +51,8 @@ from kvwctl.method import (
     summarize_exposures,
 )
 from kvwctl.options import ApplyOptions
+from kvwctl.outputs import check_outputs
+from kvwctl.source import ModelSpec, resolve_model
 
 
 def run_progressive(

@@ -47,21 +47,13 @@ from typing import TYPE_CHECKING, Any
 
 from kvwctl import __version__
 from kvwctl.artifacts import ACCESSOR_FORMAT, check_fits_model, read_artifact
-from kvwctl.checkpoint import (
-    FOREIGN_WEIGHT_SUFFIXES,
-    MANIFEST_FILE,
-    MANIFEST_FORMAT,
-    Checkpoint,
-    ModelSource,
-    ModelSpec,
-    open_checkpoint,
-    resolve_model,
-)
+from kvwctl.checkpoint import FOREIGN_WEIGHT_SUFFIXES, MANIFEST_FILE, MANIFEST_FORMAT, Checkpoint, open_checkpoint
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.errors import ArtifactError, UsageError, VerificationError
 from kvwctl.files import file_sha256
 from kvwctl.method import gates, scale_vectors
 from kvwctl.options import VerifyOptions
+from kvwctl.source import ModelSource, ModelSpec, resolve_model
 
 if TYPE_CHECKING:
     import torch

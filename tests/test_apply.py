@@ -14,13 +14,15 @@ from helpers import MULTIMODAL, split_for
 from kvwctl.accessor import run_accessor
 from kvwctl.apply import ApplyResult, LayerEdit, run_apply
 from kvwctl.artifacts import ACCESSOR_FORMAT, Artifact, read_artifact
-from kvwctl.checkpoint import MANIFEST_FILE, ModelSpec, open_checkpoint, read_safetensors_header, resolve_model
+from kvwctl.checkpoint import MANIFEST_FILE, open_checkpoint
 from kvwctl.data import load_image
 from kvwctl.files import file_sha256
+from kvwctl.headers import read_safetensors_header
 from kvwctl.method import gates
 from kvwctl.options import AccessorOptions, ApplyOptions, ProfileOptions
 from kvwctl.profile import run_profile
 from kvwctl.progressive import run_progressive
+from kvwctl.source import ModelSpec, resolve_model
 
 
 def tensor_bytes_on_disk(checkpoint: Path) -> dict[str, bytes]:

@@ -12,9 +12,9 @@ import pytest
 from helpers import copy_checkpoint
 from typer.testing import CliRunner, Result
 
-from kvwctl.checkpoint import ModelSpec
 from kvwctl.cli import app
 from kvwctl.options import ApplyOptions
+from kvwctl.source import ModelSpec
 
 runner = CliRunner()
 

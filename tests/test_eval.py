@@ -17,7 +17,7 @@ import transformers
 from helpers import copy_checkpoint
 from typer.testing import CliRunner, Result
 
-from kvwctl.checkpoint import ModelSpec, open_checkpoint, resolve_model
+from kvwctl.checkpoint import open_checkpoint
 from kvwctl.cli import app
 from kvwctl.console import NullTracker
 from kvwctl.conversation import ChatRenderer
@@ -28,6 +28,7 @@ from kvwctl.metrics import METRICS, keyword_accuracy, rouge_l, summarize
 from kvwctl.modeling import LoadedModel, encode_prompts, load_model
 from kvwctl.options import EvalOptions
 from kvwctl.report import EVAL_FORMAT
+from kvwctl.source import ModelSpec, resolve_model
 from kvwctl.testing import build_checkpoint
 
 runner = CliRunner()

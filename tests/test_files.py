@@ -9,14 +9,8 @@ from pathlib import Path
 import pytest
 
 from kvwctl.errors import KvwError
-from kvwctl.files import (
-    atomic_file,
-    check_outputs,
-    file_sha256,
-    staged_output_dir,
-    write_json_atomically,
-    write_text_atomically,
-)
+from kvwctl.files import atomic_file, file_sha256, staged_output_dir, write_json_atomically, write_text_atomically
+from kvwctl.outputs import check_outputs
 from kvwctl.testing import build_checkpoint
 
 

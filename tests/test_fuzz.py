@@ -19,11 +19,13 @@ from hypothesis import strategies as st
 
 from kvwctl.accessor import run_accessor
 from kvwctl.artifacts import ACCESSOR_FORMAT, PROFILE_FORMAT, read_artifact
-from kvwctl.checkpoint import ModelSource, ModelSpec, open_checkpoint, read_safetensors_header
+from kvwctl.checkpoint import open_checkpoint
 from kvwctl.data import load_samples
 from kvwctl.errors import DataError, KvwError
+from kvwctl.headers import read_safetensors_header
 from kvwctl.options import AccessorOptions, ProfileOptions
 from kvwctl.profile import run_profile
+from kvwctl.source import ModelSource, ModelSpec
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

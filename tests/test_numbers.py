@@ -22,7 +22,7 @@ from typer.testing import CliRunner, Result
 
 from kvwctl.accessor import run_accessor
 from kvwctl.apply import write_weakened_checkpoint
-from kvwctl.checkpoint import ModelSpec, open_checkpoint, resolve_model
+from kvwctl.checkpoint import open_checkpoint
 from kvwctl.cli import app
 from kvwctl.console import NullTracker
 from kvwctl.errors import UsageError
@@ -32,6 +32,7 @@ from kvwctl.metrics import MetricSummary, summarize
 from kvwctl.options import AccessorOptions, ApplyOptions, ProfileOptions
 from kvwctl.profile import run_profile
 from kvwctl.requirements import check_requirements, parse_requirement
+from kvwctl.source import ModelSpec, resolve_model
 
 runner = CliRunner()
 

@@ -12,7 +12,8 @@ from typer.testing import CliRunner, Result
 
 from kvwctl.cli import app
 from kvwctl.errors import KvwError
-from kvwctl.files import check_outputs, staged_output_dir
+from kvwctl.files import staged_output_dir
+from kvwctl.outputs import check_outputs
 
 runner = CliRunner()
 MODEL = "qwen2"

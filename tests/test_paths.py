@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from kvwctl.checkpoint import INDEX_FILE, ModelSource, open_checkpoint
+from kvwctl.checkpoint import INDEX_FILE, open_checkpoint
 from kvwctl.cli import app
 from kvwctl.errors import ModelError
-from kvwctl.files import inside
+from kvwctl.outputs import inside
+from kvwctl.source import ModelSource
 
 runner = CliRunner()
 MODEL = "qwen2"

@@ -10,12 +10,13 @@ import transformers
 from helpers import MULTIMODAL, copy_checkpoint, split_for
 
 from kvwctl.artifacts import PROFILE_FORMAT, read_artifact
-from kvwctl.checkpoint import ModelSpec, open_checkpoint, resolve_model
+from kvwctl.checkpoint import open_checkpoint
 from kvwctl.conversation import ChatRenderer
 from kvwctl.data import Sample, load_image, load_samples
 from kvwctl.modeling import LoadedModel, encode_batch, load_model
 from kvwctl.options import ProfileOptions
 from kvwctl.profile import run_profile
+from kvwctl.source import ModelSpec, resolve_model
 from kvwctl.testing import LLAVA_TEMPLATE, MISTRAL_TEMPLATE, byte_level_tokenizer, sentencepiece_tokenizer
 
 

@@ -16,19 +16,14 @@ from typer.testing import CliRunner, Result
 import kvwctl.checkpoint
 from kvwctl.accessor import run_accessor
 from kvwctl.apply import recorded_path, run_apply
-from kvwctl.checkpoint import (
-    MANIFEST_FILE,
-    ModelSource,
-    ModelSpec,
-    copy_patched_shard,
-    open_checkpoint,
-    read_safetensors_header,
-)
+from kvwctl.checkpoint import MANIFEST_FILE, copy_patched_shard, open_checkpoint
 from kvwctl.cli import app
 from kvwctl.files import file_sha256
+from kvwctl.headers import read_safetensors_header
 from kvwctl.options import AccessorOptions, ApplyOptions, ProfileOptions
 from kvwctl.profile import run_profile
 from kvwctl.progressive import run_progressive
+from kvwctl.source import ModelSource, ModelSpec
 
 runner = CliRunner()
 MODEL = "llava"

@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner, Result
 
-from kvwctl.checkpoint import INDEX_FILE, ModelSource, canonical_tensor_name, open_checkpoint
+from kvwctl.checkpoint import INDEX_FILE, canonical_tensor_name, open_checkpoint
 from kvwctl.cli import app
 from kvwctl.errors import ModelError
+from kvwctl.source import ModelSource
 
 runner = CliRunner()
 MODEL = "qwen2"

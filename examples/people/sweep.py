@@ -33,13 +33,14 @@ sys.path.insert(0, str(HERE))
 import build_model  # noqa: E402
 
 from kvwctl.artifacts import PROFILE_FORMAT, read_artifact, retain_coefficients  # noqa: E402
-from kvwctl.checkpoint import open_checkpoint, resolve_model  # noqa: E402
+from kvwctl.checkpoint import open_checkpoint  # noqa: E402
 from kvwctl.console import NullTracker  # noqa: E402
 from kvwctl.data import load_samples  # noqa: E402
 from kvwctl.evaluate import generate_answers  # noqa: E402
 from kvwctl.method import batch_accessors, batch_ranges, gates, parse_layers, scale_vectors  # noqa: E402
 from kvwctl.metrics import keyword_accuracy, keyword_targets  # noqa: E402
 from kvwctl.modeling import load_model  # noqa: E402
+from kvwctl.source import resolve_model  # noqa: E402
 
 SPLITS = ("forget", "retain", "test", "world")
 
