@@ -140,6 +140,16 @@ def _validate(options: Any) -> None:
             raise UsageError(f"{flag_name(item.name)} {problem}")
 
 
+def _device_option() -> Any:
+    return option("auto", f"Device: {DEVICE_CHOICES}", key="device", check=_device_problem)
+
+
+def _dtype_option(help: str) -> Any:
+    return option(
+        "auto", help, key="dtype", choices=DTYPES, shown_default="auto: the stored dtype on a GPU, float32 on the CPU"
+    )
+
+
 # --- the stages' options -------------------------------------------------------------------------
 
 
@@ -155,14 +165,8 @@ class ProfileOptions:
         choices=POSITION_MODES,
     )
     batch_size: int = option(8, "Samples per forward pass", key="batch_size", minimum=1)
-    device: str = option("auto", f"Device: {DEVICE_CHOICES}", key="device", check=_device_problem)
-    dtype: str = option(
-        "auto",
-        "auto, float32, bfloat16 or float16",
-        key="dtype",
-        choices=DTYPES,
-        shown_default="auto: the stored dtype on a GPU, float32 on the CPU",
-    )
+    device: str = _device_option()
+    dtype: str = _dtype_option("auto, float32, bfloat16 or float16")
     force: bool = option(False, "Replace an existing output.")
 
     def __post_init__(self) -> None:
@@ -204,14 +208,8 @@ class ApplyOptions:
     )
     progressive: bool = option(False, "Algorithm 1: re-profile the weakened model after every forget batch.")
     batch_size: int = option(1, "Forget samples per batch, for --progressive", key="forget_batch_size", minimum=1)
-    device: str = option("auto", f"Device: {DEVICE_CHOICES}", key="device", check=_device_problem)
-    dtype: str = option(
-        "auto",
-        "auto, float32, bfloat16 or float16, for --progressive",
-        key="dtype",
-        choices=DTYPES,
-        shown_default="auto: the stored dtype on a GPU, float32 on the CPU",
-    )
+    device: str = _device_option()
+    dtype: str = _dtype_option("auto, float32, bfloat16 or float16, for --progressive")
     force: bool = option(False, "Replace an existing output.")
 
     def __post_init__(self) -> None:
@@ -224,14 +222,8 @@ class EvalOptions:
 
     max_new_tokens: int = option(32, "Generated tokens per sample", key="max_new_tokens", minimum=1)
     batch_size: int = option(8, "Samples per batch", key="batch_size", minimum=1)
-    device: str = option("auto", f"Device: {DEVICE_CHOICES}", key="device", check=_device_problem)
-    dtype: str = option(
-        "auto",
-        "auto, float32, bfloat16 or float16",
-        key="dtype",
-        choices=DTYPES,
-        shown_default="auto: the stored dtype on a GPU, float32 on the CPU",
-    )
+    device: str = _device_option()
+    dtype: str = _dtype_option("auto, float32, bfloat16 or float16")
     require: tuple[str, ...] = option(
         (),
         "A requirement: SPLIT.METRIC OP EXPR, e.g. 'forget.keyword_acc <= 0.1' or "

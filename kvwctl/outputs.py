@@ -38,7 +38,7 @@ def inside(directory: Path, name: object, *, source: Path) -> Path:
     no ``..``, ``.`` or empty component, no backslash or NUL. The check is on the name itself,
     not on where it resolves to, so it holds for an output directory that does not exist yet.
     """
-    if not isinstance(name, str) or not _is_plain_relative(name):
+    if not isinstance(name, str) or not is_plain_relative(name):
         raise ModelError(
             f"{source} names the file {name!r}, which is not a plain path inside {directory}",
             hint="a name read from a checkpoint's files must be relative, without '..', '.' or '\\'",
@@ -46,7 +46,7 @@ def inside(directory: Path, name: object, *, source: Path) -> Path:
     return directory / name
 
 
-def _is_plain_relative(name: str) -> bool:
+def is_plain_relative(name: str) -> bool:
     if not name or "\\" in name or "\0" in name or name.startswith("/"):
         return False
     return all(part not in ("", ".", "..") for part in name.split("/"))

@@ -70,7 +70,7 @@ def run_progressive(
     The cumulative exponent ``E = sum_b A_b`` is kept per vector (float64 on the device) and the
     working weights are derived from the original ones at every step, ``W_0 * exp(-gamma * E)``,
     so rounding to the model's dtype never compounds. The exposure applied is written beside the
-    checkpoint in the accessor format (``exposure.safetensors`` unless ``exposure_out`` is given),
+    checkpoint in the accessor format (``<out>.exposure.safetensors`` unless ``exposure_out`` is given),
     so one-shot and progressive runs compare file to file.
     """
     import torch

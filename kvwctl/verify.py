@@ -53,6 +53,7 @@ from kvwctl.errors import ArtifactError, UsageError, VerificationError
 from kvwctl.files import file_sha256
 from kvwctl.method import gates, scale_vectors
 from kvwctl.options import VerifyOptions
+from kvwctl.outputs import is_plain_relative
 from kvwctl.source import ModelSource, ModelSpec, resolve_model
 
 if TYPE_CHECKING:
@@ -149,13 +150,7 @@ def check_manifest(manifest: Any, where: str) -> None:
         if not isinstance(hashes, dict) or (key == "shards" and not hashes):
             raise fail(f"{key} is not an object of shard files and sha256")
         for name, digest in hashes.items():
-            if (
-                "/" in name
-                or "\\" in name
-                or name in ("", ".", "..")
-                or not isinstance(digest, str)
-                or not _SHA256.match(digest)
-            ):
+            if not is_plain_relative(name) or not isinstance(digest, str) or not _SHA256.match(digest):
                 raise fail(f"{key}: {name!r}: {digest!r} is not a shard file name and a sha256")
     input_model = manifest.get("input_model")
     if not isinstance(input_model, dict) or not isinstance(input_model.get("fingerprint"), str):

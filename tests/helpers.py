@@ -10,6 +10,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from typer.testing import CliRunner, Result
+
+from kvwctl.cli import app
+
 MULTIMODAL = ("llava", "qwen2_vl", "qwen2_5_vl")
 TEXT_ONLY = ("llama", "qwen2", "mistral")
 
@@ -23,3 +27,17 @@ def copy_checkpoint(source: Path, target: Path) -> Path:
     """A writable copy of a (read-only) session checkpoint."""
     shutil.copytree(source, target)
     return target
+
+
+def invoke(*args: str | Path) -> Result:
+    """Run ``kvwctl ARGS`` in-process (stdout and stderr kept apart)."""
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def expect_error(result: Result, message: str, exit_code: int = 1) -> None:
+    """A user error as a pipeline sees it: the exit code, ``Error: …`` with ``message`` on stderr,
+    no traceback, nothing on stdout."""
+    assert result.exit_code == exit_code, result.output
+    assert "Error: " in result.stderr and message in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+    assert result.stdout == "", result.stdout

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import copy_checkpoint
-from typer.testing import CliRunner, Result
+from helpers import copy_checkpoint, expect_error, invoke
+from typer.testing import CliRunner
 
 from kvwctl.cli import app
 from kvwctl.options import ApplyOptions
@@ -23,10 +23,6 @@ def torch_cuda_available() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
-
-
-def invoke(*args: str | Path) -> Result:
-    return runner.invoke(app, [str(arg) for arg in args])
 
 
 def test_help_lists_commands_without_importing_torch() -> None:
@@ -110,13 +106,6 @@ def test_pipeline_from_flags(checkpoints: dict[str, Path], data: dict[str, Path]
     assert progressive.exit_code == 0, progressive.output
     assert "Layers edited: [2, 3]" in progressive.stderr
     assert (tmp_path / "p.exposure.safetensors").is_file()
-
-
-def expect_error(result: Result, message: str, exit_code: int = 1) -> None:
-    assert result.exit_code == exit_code, result.output
-    assert message in result.stderr, result.stderr
-    assert "Traceback" not in result.output
-    assert result.stdout == ""
 
 
 def test_missing_model_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ import jsonlines
 import pytest
 import torch
 import transformers
-from helpers import copy_checkpoint
+from helpers import copy_checkpoint, expect_error, invoke
 from typer.testing import CliRunner, Result
 
 from kvwctl.checkpoint import open_checkpoint
@@ -32,10 +32,6 @@ from kvwctl.source import ModelSpec, resolve_model
 from kvwctl.testing import build_checkpoint
 
 runner = CliRunner()
-
-
-def invoke(*args: str | Path) -> Result:
-    return runner.invoke(app, [str(arg) for arg in args])
 
 
 def test_default_samples_path() -> None:
@@ -327,13 +323,6 @@ def test_table_shows_every_model_and_the_ratio_to_the_baseline(report_run: tuple
     ]  # fmt: skip
     assert next(line for line in lines if "facts.mc_acc" in line).split()[1] == "1"
     assert "requirement qa.keyword_acc <= 1 passed" in result.stderr
-
-
-def expect_error(result: Result, message: str, exit_code: int = 1) -> None:
-    assert result.exit_code == exit_code, result.output
-    assert message in result.stderr, result.stderr
-    assert "Traceback" not in result.output
-    assert result.stdout == ""
 
 
 def test_failing_requirement_exits_1_after_writing_the_report(

@@ -21,18 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner, Result
+from helpers import invoke
+from typer.testing import Result
 
-from kvwctl.cli import app
 from kvwctl.errors import KvwError, Terminated, exit_code_for
 from kvwctl.files import atomic_file, committed_together, staged_output_dir
 
-runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def invoke(*args: str | Path) -> Result:
-    return runner.invoke(app, [str(arg) for arg in args])
 
 
 def expect_error(result: Result, message: str, exit_code: int = 1) -> None:

@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import invoke
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
 from kvwctl.accessor import run_accessor
 from kvwctl.apply import write_weakened_checkpoint
 from kvwctl.checkpoint import open_checkpoint
-from kvwctl.cli import app
 from kvwctl.console import NullTracker
 from kvwctl.errors import UsageError
 from kvwctl.files import write_json_atomically
@@ -33,12 +33,6 @@ from kvwctl.options import AccessorOptions, ApplyOptions, ProfileOptions
 from kvwctl.profile import run_profile
 from kvwctl.requirements import check_requirements, parse_requirement
 from kvwctl.source import ModelSpec, resolve_model
-
-runner = CliRunner()
-
-
-def invoke(*args: str | Path) -> Result:
-    return runner.invoke(app, [str(arg) for arg in args])
 
 
 def error_line(result: Result) -> str:

@@ -8,26 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner, Result
+from helpers import expect_error, invoke
 
-from kvwctl.cli import app
 from kvwctl.errors import KvwError
 from kvwctl.files import staged_output_dir
 from kvwctl.outputs import check_outputs
 
-runner = CliRunner()
 MODEL = "qwen2"
-
-
-def invoke(*args: str | Path) -> Result:
-    return runner.invoke(app, [str(arg) for arg in args])
-
-
-def expect_error(result: Result, message: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "Error: " in result.stderr and message in result.stderr, result.stderr
-    assert "Traceback" not in result.output
-    assert result.stdout == ""
 
 
 def tree_digest(path: Path) -> dict[str, str]:

@@ -12,26 +12,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner, Result
+from helpers import expect_error, invoke
 
 from kvwctl.checkpoint import INDEX_FILE, open_checkpoint
-from kvwctl.cli import app
 from kvwctl.errors import ModelError
 from kvwctl.outputs import inside
 from kvwctl.source import ModelSource
 
-runner = CliRunner()
 MODEL = "qwen2"
-
-
-def invoke(*args: str | Path) -> Result:
-    return runner.invoke(app, [str(arg) for arg in args])
-
-
-def expect_error(result: Result, message: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "Error: " in result.stderr and message in result.stderr, result.stderr
-    assert "Traceback" not in result.output
 
 
 @pytest.fixture(scope="module")

@@ -8,27 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import expect_error, invoke
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
 from kvwctl.checkpoint import INDEX_FILE, canonical_tensor_name, open_checkpoint
-from kvwctl.cli import app
 from kvwctl.errors import ModelError
 from kvwctl.source import ModelSource
 
-runner = CliRunner()
 MODEL = "qwen2"
 Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
-
-
-def invoke(*args: str | Path) -> Result:
-    return runner.invoke(app, [str(arg) for arg in args])
-
-
-def expect_error(result: Result, message: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "Error: " in result.stderr and message in result.stderr, result.stderr
-    assert "Traceback" not in result.output
 
 
 def opened(path: Path) -> ModelSource:
