@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import MULTIMODAL, TEXT_ONLY
+from helpers import MULTIMODAL, TEXT_ONLY, invoke
 
 from kvwctl.testing import build_checkpoint, write_samples
 
@@ -51,3 +51,21 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         text_path.write_text("".join(json.dumps(record) + "\n" for record in records if "image" not in record))
         splits[f"{name}-text"] = text_path
     return splits
+
+
+@pytest.fixture(scope="session")
+def accessor(checkpoints: dict[str, Path], data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An accessor of the tiny qwen2 checkpoint (text splits, forget batch 1), made through the CLI."""
+    root = tmp_path_factory.mktemp("qwen2-accessor")
+    for split in ("forget", "retain"):
+        result = invoke(
+            "profile", "--model", checkpoints["qwen2"], "--data", data[f"{split}-text"], "--split", split,
+            "--out", root / f"{split}.safetensors",
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+    out = root / "accessor.safetensors"
+    result = invoke(
+        "accessor", "--forget", root / "forget.safetensors", "--retain", root / "retain.safetensors", "--out", out
+    )
+    assert result.exit_code == 0, result.output
+    return out

@@ -7,6 +7,8 @@ works in the tests and in ``conftest.py``.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -41,3 +43,20 @@ def expect_error(result: Result, message: str, exit_code: int = 1) -> None:
     assert "Error: " in result.stderr and message in result.stderr, result.stderr
     assert "Traceback" not in result.output
     assert result.stdout == "", result.stdout
+
+
+def hub_snapshot(checkpoint: Path, cache: Path, *, repo: str = "kvw-tests/tiny", commit: str = "0" * 40) -> Path:
+    """``checkpoint`` laid out as huggingface_hub caches it under ``cache``:
+    ``models--org--name/{blobs/<sha256>, refs/main, snapshots/<commit>/<file> -> ../../blobs/<sha256>}``."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "blobs").mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for path in sorted(checkpoint.iterdir()):
+        content = path.read_bytes()
+        blob = root / "blobs" / hashlib.sha256(content).hexdigest()
+        blob.write_bytes(content)
+        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+    return snapshot

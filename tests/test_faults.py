@@ -41,24 +41,6 @@ def debris(directory: Path) -> list[Path]:
     return sorted(path for path in directory.rglob("*") if ".kvw-" in path.name)
 
 
-@pytest.fixture(scope="module")
-def accessor(checkpoints: dict[str, Path], data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An accessor of the tiny qwen2 checkpoint, made through the CLI."""
-    root = tmp_path_factory.mktemp("faults-accessor")
-    for split in ("forget", "retain"):
-        result = invoke(
-            "profile", "--model", checkpoints["qwen2"], "--data", data[f"{split}-text"], "--split", split,
-            "--out", root / f"{split}.safetensors",
-        )  # fmt: skip
-        assert result.exit_code == 0, result.output
-    out = root / "accessor.safetensors"
-    result = invoke(
-        "accessor", "--forget", root / "forget.safetensors", "--retain", root / "retain.safetensors", "--out", out
-    )
-    assert result.exit_code == 0, result.output
-    return out
-
-
 # --- signals -------------------------------------------------------------------------------------
 
 

@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import hub_snapshot
 
 from kvwctl.artifacts import PROFILE_FORMAT, read_artifact
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 REPO = "kvw-tests/tiny-llava"
-
-
-def populate_cache(cache: Path, checkpoint: Path) -> Path:
-    """models--org--name/{blobs/<sha256>, refs/main, snapshots/<commit>/<file> -> ../../blobs/<sha256>}."""
-    repo = cache / f"models--{REPO.replace('/', '--')}"
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-    snapshot = repo / "snapshots" / COMMIT
-    snapshot.mkdir(parents=True)
-    for path in sorted(checkpoint.iterdir()):
-        content = path.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(content).hexdigest()
-        blob.write_bytes(content)
-        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
-    return snapshot
 
 
 def kvwctl(*args: str | Path, cache: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -42,7 +26,7 @@ def kvwctl(*args: str | Path, cache: Path, cwd: Path) -> subprocess.CompletedPro
 @pytest.fixture(scope="module")
 def cache(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("hub-cache")
-    populate_cache(root / "hub", checkpoints["llava"])
+    hub_snapshot(checkpoints["llava"], root / "hub", repo=REPO, commit=COMMIT)
     return root / "hub"
 
 

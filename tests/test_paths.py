@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
-from helpers import expect_error, invoke
+from helpers import expect_error, hub_snapshot, invoke
 
 from kvwctl.checkpoint import INDEX_FILE, open_checkpoint
 from kvwctl.errors import ModelError
@@ -20,21 +19,6 @@ from kvwctl.outputs import inside
 from kvwctl.source import ModelSource
 
 MODEL = "qwen2"
-
-
-@pytest.fixture(scope="module")
-def accessor(checkpoints: dict[str, Path], data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("paths")
-    for split in ("retain", "forget"):
-        result = invoke("profile", "--model", checkpoints[MODEL], "--data", data[f"{split}-text"], "--split", split,
-                        "--out", root / f"{split}.safetensors")  # fmt: skip
-        assert result.exit_code == 0, result.output
-    out = root / "accessor.safetensors"
-    result = invoke(
-        "accessor", "--forget", root / "forget.safetensors", "--retain", root / "retain.safetensors", "--out", out
-    )
-    assert result.exit_code == 0, result.output
-    return out
 
 
 def move_a_shard_to(model: Path, name: str) -> tuple[str, Path]:
@@ -154,20 +138,6 @@ def test_a_link_inside_the_checkpoint_is_copied_as_a_regular_file(
     assert result.exit_code == 0, result.output
     assert not (out / "template-link.jinja").is_symlink()
     assert (out / "template-link.jinja").read_text() == "{{ messages }}"
-
-
-def hub_snapshot(checkpoint: Path, cache: Path) -> Path:
-    """The huggingface_hub layout: snapshots/<commit>/<file> -> ../../blobs/<sha256>."""
-    repo = cache / "models--kvw-tests--tiny"
-    (repo / "blobs").mkdir(parents=True)
-    snapshot = repo / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    for path in sorted(checkpoint.iterdir()):
-        content = path.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(content).hexdigest()
-        blob.write_bytes(content)
-        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
-    return snapshot
 
 
 def test_hub_cache_links_to_blobs_are_followed_and_copied_as_files(
