@@ -236,9 +236,19 @@ def write_weakened_checkpoint(
 
 
 def run_apply(
-    model: ModelSpec, accessor: Path, out: Path, options: ApplyOptions, *, tracker: Tracker | None = None
+    model: ModelSpec,
+    accessor: Path,
+    out: Path,
+    options: ApplyOptions,
+    *,
+    tracker: Tracker | None = None,
+    tune: dict[str, Any] | None = None,
 ) -> ApplyResult:
-    """One-shot: scale ``model``'s knowledge vectors by the exposure in ``accessor``; write ``out``."""
+    """One-shot: scale ``model``'s knowledge vectors by the exposure in ``accessor``; write ``out``.
+
+    ``tune`` (from ``kvwctl tune --apply``) is recorded in the manifest's provenance: the tune
+    file's path and sha256 and the trial applied.
+    """
     from kvwctl.modeling import select_device
 
     checkpoint = open_checkpoint(resolve_model(model.reference, model.revision))
@@ -265,6 +275,7 @@ def run_apply(
             "batch_size": int(artifact.metadata["batch_size"]),
             "mode": artifact.metadata["mode"],
         },
+        **({"tune": tune} if tune is not None else {}),
     }
     return write_weakened_checkpoint(
         checkpoint,

@@ -31,7 +31,16 @@ from kvwctl import __version__, console
 from kvwctl.config import load_config, parse_named_paths, require
 from kvwctl.console import show_inputs as _show_inputs
 from kvwctl.errors import UsageError, describe, exit_code_for, termination_signals_raise
-from kvwctl.options import AccessorOptions, ApplyOptions, EvalOptions, ProfileOptions, VerifyOptions, fill, help_text
+from kvwctl.options import (
+    AccessorOptions,
+    ApplyOptions,
+    EvalOptions,
+    ProfileOptions,
+    TuneOptions,
+    VerifyOptions,
+    fill,
+    help_text,
+)
 
 app = typer.Typer(
     name="kvwctl",
@@ -310,6 +319,8 @@ def evaluate(
     batch_size: Annotated[int | None, _option(EvalOptions, "batch_size")] = None,
     device: Annotated[str | None, _option(EvalOptions, "device")] = None,
     dtype: Annotated[str | None, _option(EvalOptions, "dtype")] = None,
+    fold: Annotated[str | None, _option(EvalOptions, "fold")] = None,
+    group_by: Annotated[str | None, _option(EvalOptions, "group_by")] = None,
     force: ForceOption = False,
     config: ConfigOption = None,
     json_output: JsonOption = False,
@@ -322,6 +333,7 @@ def evaluate(
 
     project = load_config(config)
     flags = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype, force=force)
+    flags |= dict(fold=fold, group_by=group_by)
     options = fill(EvalOptions, {**flags, "require": tuple(require_) if require_ else None}, project)
     models = project.eval_models(model, revision, baseline=baseline, reference=reference)
     splits = parse_named_paths(data, flag="--data") if data else dict(project.splits)
@@ -349,6 +361,104 @@ def evaluate(
     if failure is not None and not json_output:
         raise failure
     _emit(result.path, summary, json_output)  # with --json also on failure: the report is the result
+    if failure is not None:
+        raise failure
+
+
+@command()
+def tune(
+    model: ModelOption = None,
+    revision: RevisionOption = None,
+    retain_data: Annotated[
+        Path | None, _flag("--retain-data", "Retain samples to profile [kvw.toml: splits.retain]")
+    ] = None,
+    forget_data: Annotated[
+        Path | None, _flag("--forget-data", "Forget samples to profile [kvw.toml: splits.forget]")
+    ] = None,
+    data: Annotated[
+        list[str] | None,
+        _flag("--data", "An evaluation split as NAME=FILE; repeatable [default: kvw.toml [splits]]"),
+    ] = None,
+    reference: Annotated[
+        str | None,
+        _flag("--reference", "An oracle model (never trained on the forget set), for --closest and the table"),
+    ] = None,
+    gamma: Annotated[str | None, _option(TuneOptions, "gamma")] = None,
+    mean_gate: Annotated[str | None, _option(TuneOptions, "mean_gate")] = None,
+    layers: Annotated[str | None, _option(TuneOptions, "layers")] = None,
+    forget_batch_size: Annotated[str | None, _option(TuneOptions, "forget_batch_size")] = None,
+    positions: Annotated[str | None, _option(TuneOptions, "positions")] = None,
+    search: Annotated[str | None, _option(TuneOptions, "search")] = None,
+    trials: Annotated[int | None, _option(TuneOptions, "trials")] = None,
+    seed: Annotated[int | None, _option(TuneOptions, "seed")] = None,
+    generate_top: Annotated[int | None, _option(TuneOptions, "generate_top")] = None,
+    require_: Annotated[list[str] | None, _option(TuneOptions, "require", "--require")] = None,
+    minimize: Annotated[str | None, _option(TuneOptions, "minimize")] = None,
+    closest: Annotated[str | None, _option(TuneOptions, "closest")] = None,
+    folds: Annotated[int | None, _option(TuneOptions, "folds")] = None,
+    group_by: Annotated[str | None, _option(TuneOptions, "group_by")] = None,
+    max_new_tokens: Annotated[int | None, _option(TuneOptions, "max_new_tokens")] = None,
+    batch_size: Annotated[int | None, _option(TuneOptions, "batch_size")] = None,
+    device: Annotated[str | None, _option(TuneOptions, "device")] = None,
+    dtype: Annotated[str | None, _option(TuneOptions, "dtype")] = None,
+    out: Annotated[Path | None, _flag("--out", "Tune report [default: <workdir>/tune.json]")] = None,
+    apply_out: Annotated[
+        Path | None, _flag("--apply", "Also write the chosen trial's checkpoint here, through apply")
+    ] = None,
+    resume: Annotated[bool, _option(TuneOptions, "resume")] = False,
+    force: ForceOption = False,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Search gamma (or a mean gate), layers, accessor batch size and positions; choose under constraints."""
+    from kvwctl.source import ModelSpec
+    from kvwctl.tables import tune_table
+    from kvwctl.tune import TuneInputs, run_tune
+
+    project = load_config(config)
+    flags = dict(
+        gamma=gamma, mean_gate=mean_gate, layers=layers, forget_batch_size=forget_batch_size, positions=positions,
+        search=search, trials=trials, seed=seed, generate_top=generate_top, minimize=minimize, closest=closest,
+        folds=folds, group_by=group_by, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
+        dtype=dtype, resume=resume, force=force, require=tuple(require_) if require_ else None,
+    )  # fmt: skip
+    options = fill(TuneOptions, flags, project)
+    spec = project.model_spec(model, revision)
+    retain_data = require(retain_data or project.split("retain"), flag="--retain-data", key="splits.retain")
+    forget_data = require(forget_data or project.split("forget"), flag="--forget-data", key="splits.forget")
+    splits = parse_named_paths(data, flag="--data") if data else dict(project.splits)
+    out = out or project.workdir / "tune.json"
+    inputs = TuneInputs(
+        model=spec,
+        retain_data=retain_data,
+        forget_data=forget_data,
+        splits=splits,
+        out=out,
+        profiles_dir=project.workdir / "tune-profiles",
+        reference=ModelSpec(reference, None) if reference else None,
+    )
+    shown: dict[str, object] = {"model": spec.reference, "retain_data": retain_data, "forget_data": forget_data}
+    shown |= {f"data {name}": path for name, path in splits.items()}
+    settings = {key: value for key, value in vars(options).items() if key not in ("force", "resume")}
+    _show_inputs("tune", {**shown, "reference": reference, "out": out, "apply": apply_out, **settings})
+    with console.progress_tracker() as tracker:
+        result = run_tune(inputs, options, tracker=tracker, apply_out=apply_out)
+    console.show(tune_table(result.report))
+    for entry in result.report["selection"]:
+        where = f"fold {entry['fold']}" if entry["fold"] else "all samples"
+        picked = f"trial {entry['trial']}" if entry["trial"] is not None else f"no trial (closest: {entry['closest']})"
+        console.info(f"selected on {where}: {picked}")
+    console.info(f"Wrote {result.path} (trial log: {result.log_path})")
+    if result.applied is not None:
+        console.info(f"Applied trial {result.chosen}: {result.applied}")
+    failure = result.failure()
+    summary = {"log": str(result.log_path), "applied": str(result.applied) if result.applied else None}
+    summary |= {key: result.report[key] for key in ("chosen", "selection", "frontier", "generated")}
+    if failure is not None and not json_output:
+        raise failure
+    _emit(result.path, summary, json_output)
     if failure is not None:
         raise failure
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import gc
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,10 +76,24 @@ class EvalSplit:
     def with_options(self) -> int:
         return sum(1 for sample in self.samples if sample.options)
 
+    fold: str | None = None  # "K/N by FIELD" when only one fold's samples are kept
+
     def describe(self) -> SplitInfo:
         return SplitInfo(
-            path=str(self.path), sha256=self.sha256, samples=len(self.samples), with_options=self.with_options
+            path=str(self.path),
+            sha256=self.sha256,
+            samples=len(self.samples),
+            with_options=self.with_options,
+            fold=self.fold,
         )
+
+    def only_fold(self, fold: int, folds: int, group_by: str | None) -> EvalSplit:
+        """The samples of fold ``fold`` of ``folds`` (``kvwctl.folds``), in file order."""
+        from kvwctl.folds import assign_folds
+
+        assigned = assign_folds(self.samples, folds, group_by=group_by)
+        kept = [sample for sample, where in zip(self.samples, assigned, strict=True) if where == fold]
+        return replace(self, samples=kept, fold=f"{fold}/{folds} by {group_by or 'id'}")
 
 
 def load_split(name: str, path: Path) -> EvalSplit:
@@ -202,7 +216,7 @@ def evaluate_split(
     tracker: Tracker,
 ) -> list[SampleResult]:
     """Generations, answer log-probabilities and multiple-choice picks for every sample of a split."""
-    split, candidates, rendered = prepared.split, prepared.candidates, prepared.conversations
+    split, rendered = prepared.split, prepared.conversations
     generations = generate_answers(
         loaded,
         split.samples,
@@ -217,14 +231,29 @@ def evaluate_split(
         )
     )
     results = []
-    for sample, texts, generation in zip(split.samples, candidates, generations, strict=True):
-        scores = {text: next(flat_scores) for text in texts}
-        choice = (
-            sample.options[choose_option([scores[option] for option in sample.options])] if sample.options else None
-        )
-        metrics = sample_metrics(sample, generation, scores[sample.answer], choice)
+    answer_scores, choices = answer_scores_and_choices(prepared, flat_scores)
+    for sample, generation, answer_score, choice in zip(
+        split.samples, generations, answer_scores, choices, strict=True
+    ):
+        metrics = sample_metrics(sample, generation, answer_score, choice)
         results.append(SampleResult(sample=sample, generation=generation, mc_choice=choice, metrics=metrics))
     return results
+
+
+def answer_scores_and_choices(
+    prepared: RenderedSplit, flat_scores: Iterator[float]
+) -> tuple[list[float], list[str | None]]:
+    """Per sample, the answer's score and the option chosen (None without options), from the scores
+    of ``prepared.conversations`` in order."""
+    answer_scores: list[float] = []
+    choices: list[str | None] = []
+    for sample, texts in zip(prepared.split.samples, prepared.candidates, strict=True):
+        scores = {text: next(flat_scores) for text in texts}
+        answer_scores.append(scores[sample.answer])
+        choices.append(
+            sample.options[choose_option([scores[option] for option in sample.options])] if sample.options else None
+        )
+    return answer_scores, choices
 
 
 def _release_memory(device: torch.device) -> None:
@@ -298,6 +327,11 @@ def run_eval(
         raise UsageError(f"the report and the per-sample file are both {out}", hint="choose another --samples-out")
     torch_device = select_device(options.device)
     evaluated = [load_split(name, path) for name, path in splits.items()]
+    if options.fold is not None:
+        from kvwctl.folds import parse_fold
+
+        fold, folds = parse_fold(options.fold)
+        evaluated = [split.only_fold(fold, folds, options.group_by) for split in evaluated]
     check_requirements_have_values(parsed, {split.name: split.with_options for split in evaluated})
     checkpoints = {role: open_checkpoint(resolve_model(spec.reference, spec.revision)) for role, spec in models.items()}
     inputs = [

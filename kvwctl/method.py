@@ -26,7 +26,9 @@ Gates and scaling
     (:func:`scale_vectors`). :func:`tensor_bytes` gives the bytes safetensors stores for it.
     ``gamma * E`` must stay a finite float32 (:func:`check_gamma`): an infinite product would
     turn ``0 * inf`` into NaN weights, so ``gamma`` and ``gamma * max(E)`` are both bounded by
-    ``FLOAT32_MAX``.
+    ``FLOAT32_MAX``. ``kvwctl tune`` can ask for a mean gate instead of a γ: the γ for which the mean
+    of ``g`` over the exposed vectors (E > 0) of the edited layers is a target
+    (:func:`gamma_for_mean_gate`, :func:`exposed_mean_gate`).
 
 Layer selections
     ``l_s:l_e`` is inclusive at both ends and 0-based over the language-model decoder layers;
@@ -162,6 +164,39 @@ def check_gamma(gamma: float, exposures: Sequence[torch.Tensor], layers: Sequenc
 def gates(exposure: torch.Tensor, gamma: float) -> torch.Tensor:
     """``g = exp(-gamma * E)`` in float32."""
     return (exposure.float() * -gamma).exp()
+
+
+def exposed_mean_gate(exposed: torch.Tensor, gamma: float) -> float:
+    """The mean of ``exp(-gamma * E)`` over exposed vectors ``(n,)``, float32 gates, float64 mean."""
+    return float(gates(exposed, gamma).double().mean())
+
+
+def gamma_for_mean_gate(exposed: torch.Tensor, target: float) -> float | None:
+    """The γ whose mean gate over the exposed vectors ``(n,)`` (E > 0) is ``target``; None if n = 0.
+
+    The mean gate falls from 1 (γ = 0) towards 0 as γ grows, so γ is found by bisection on log γ
+    (float64, a fixed 100 steps: the same inputs give the same γ), within ``(0, FLOAT32_MAX / max E]``.
+    """
+    import math
+
+    if exposed.numel() == 0:
+        return None
+    values = exposed.double()
+    largest = float(values.max())
+
+    def mean_gate(gamma: float) -> float:
+        return float((values * -gamma).exp().mean())
+
+    low, high = math.log(1e-30), math.log(FLOAT32_MAX / largest)
+    if mean_gate(math.exp(high)) >= target:
+        return math.exp(high)
+    for _ in range(100):
+        middle = (low + high) / 2
+        if mean_gate(math.exp(middle)) > target:
+            low = middle
+        else:
+            high = middle
+    return float(f"{math.exp((low + high) / 2):.9g}")
 
 
 def scale_vectors(weight: torch.Tensor, gate: torch.Tensor, *, axis: int) -> torch.Tensor:

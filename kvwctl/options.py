@@ -216,6 +216,16 @@ class ApplyOptions:
         _validate(self)
 
 
+def _fold_problem(value: str) -> str | None:
+    from kvwctl.folds import parse_fold
+
+    try:
+        parse_fold(value)
+    except UsageError as error:
+        return error.message
+    return None
+
+
 @dataclass(frozen=True)
 class EvalOptions:
     """``kvwctl eval``: generation and likelihood metrics, with requirements."""
@@ -228,6 +238,12 @@ class EvalOptions:
         (),
         "A requirement: SPLIT.METRIC OP EXPR, e.g. 'forget.keyword_acc <= 0.1' or "
         "'retain.keyword_acc >= 0.95*baseline'; repeatable; exit 1 if one fails",
+    )
+    fold: str | None = option(
+        None, "Evaluate only fold K of N (K/N), as tune --folds splits the samples", check=_fold_problem
+    )
+    group_by: str | None = option(
+        None, "Sample field whose value keeps samples in one fold (with --fold)", key="group_by", shown_default="id"
     )
     force: bool = option(False, "Replace an existing output.")
 
@@ -254,7 +270,131 @@ class VerifyOptions:
         _validate(self)
 
 
-STAGE_OPTIONS: tuple[type, ...] = (ProfileOptions, AccessorOptions, ApplyOptions, EvalOptions, VerifyOptions)
+def _space_problem(parse: Callable[[str], Any]) -> Callable[[str], str | None]:
+    def problem(value: str) -> str | None:
+        try:
+            parse(value)
+        except UsageError as error:
+            return error.message
+        return None
+
+    return problem
+
+
+def _gamma_space_problem(value: str) -> str | None:
+    from kvwctl.space import gamma_values
+
+    return _space_problem(gamma_values)(value)
+
+
+def _mean_gate_space_problem(value: str) -> str | None:
+    from kvwctl.space import mean_gate_values
+
+    return _space_problem(mean_gate_values)(value)
+
+
+def _batch_space_problem(value: str) -> str | None:
+    from kvwctl.space import batch_sizes
+
+    return _space_problem(batch_sizes)(value)
+
+
+def _positions_space_problem(value: str) -> str | None:
+    from kvwctl.space import position_modes
+
+    return _space_problem(position_modes)(value)
+
+
+def _layer_space_problem(value: str) -> str | None:
+    if value.strip() == "auto":
+        return None
+    from kvwctl.method import layer_ranges
+
+    def parse(text: str) -> None:
+        for item in text.split(","):
+            layer_ranges(item)
+
+    return _space_problem(parse)(value)
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """``kvwctl tune``: search γ (or a mean gate), layers, accessor batch size and positions."""
+
+    gamma: str | None = option(
+        None,
+        "γ values: a list 0.1,0.3,1 or START:STOP:N or START:STOP:logN",
+        key="tune_gamma",
+        check=_gamma_space_problem,
+        shown_default="0.01:30:log12 unless --mean-gate is given",
+    )
+    mean_gate: str | None = option(
+        None,
+        "Mean-gate targets instead of γ (γ solved per trial), same syntax, values in (0, 1), e.g. 0.995:0.6:8",
+        key="tune_mean_gate",
+        check=_mean_gate_space_problem,
+    )
+    layers: str = option(
+        "auto",
+        "Layer selections, comma-separated (14:27,8:27,:) or auto",
+        key="tune_layers",
+        check=_layer_space_problem,
+    )
+    forget_batch_size: str = option(
+        "1",
+        "Accessor batch sizes: a list of integers and all",
+        key="tune_forget_batch_size",
+        check=_batch_space_problem,
+    )
+    positions: str = option(
+        "answer", "Profile position modes, comma-separated", key="tune_positions", check=_positions_space_problem
+    )
+    search: str = option("grid", "grid (every combination) or optuna (TPE, two objectives)", choices=("grid", "optuna"))
+    trials: int = option(24, "Trials sampled with --search optuna", key="tune_trials", minimum=1)
+    seed: int = option(0, "Seed of --search optuna", minimum=0)
+    generate_top: int = option(
+        6, "Trials of the screen's frontier that are also scored by generation", key="tune_generate_top", minimum=0
+    )
+    require: tuple[str, ...] = option(
+        ("retain.keyword_acc >= 0.95*baseline",),
+        "A constraint in eval's --require language; repeatable",
+        shown_default="retain.keyword_acc >= 0.95*baseline",
+    )
+    minimize: str | None = option(
+        None, "The objective: SPLIT.METRIC to minimise", shown_default="forget.keyword_acc unless --closest is given"
+    )
+    closest: str | None = option(None, "The objective: SPLIT.METRIC:reference, as close to the oracle as possible")
+    folds: int = option(2, "Evaluation folds: select on one, report on the others, each way", key="folds", minimum=1)
+    group_by: str | None = option(
+        None, "Sample field whose value keeps samples in one fold (e.g. person)", key="group_by", shown_default="id"
+    )
+    max_new_tokens: int = option(32, "Generated tokens per sample", key="max_new_tokens", minimum=1)
+    batch_size: int = option(8, "Samples per batch (profile, screen and generation)", key="batch_size", minimum=1)
+    device: str = _device_option()
+    dtype: str = _dtype_option("auto, float32, bfloat16 or float16")
+    resume: bool = option(False, "Continue from the trial log of an interrupted run with the same inputs.")
+    force: bool = option(False, "Replace an existing output (and start the trial log over).")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        if self.gamma is not None and self.mean_gate is not None:
+            raise UsageError("--gamma and --mean-gate are exclusive: search one of them")
+        if self.minimize is not None and self.closest is not None:
+            raise UsageError("--minimize and --closest are exclusive: give one objective")
+        from kvwctl.requirements import parse_requirement
+
+        for text in self.require:
+            parse_requirement(text)
+
+
+STAGE_OPTIONS: tuple[type, ...] = (
+    ProfileOptions,
+    AccessorOptions,
+    ApplyOptions,
+    EvalOptions,
+    VerifyOptions,
+    TuneOptions,
+)
 
 
 # --- help texts and kvw.toml keys ----------------------------------------------------------------

@@ -116,7 +116,8 @@ def check_replaceable(out: Path) -> None:
     kvwctl replaces only its own outputs: a checkpoint directory with a ``kvw_manifest.json`` whose
     ``tool`` is ``kvwctl``, a stage file (safetensors) or report (JSON) whose ``format`` starts with
     ``kvwctl.``, eval's per-sample JSON Lines file (its first record has ``role``, ``split``, ``id``
-    and ``generation``), or an empty file or directory (nothing is lost). A user's folder or file
+    and ``generation``), a JSON Lines file whose first record has a ``kvwctl.`` format (tune's
+    trial log), or an empty file or directory (nothing is lost). A user's folder or file
     at the output path is never deleted.
     """
     if out.is_symlink():
@@ -152,7 +153,9 @@ def _written_by_kvwctl(out: Path) -> bool:
             return True
     if str(json_object(head).get("format", "")).startswith("kvwctl."):  # a report
         return True
-    first_record = json_object(head.split(b"\n", 1)[0])  # eval's per-sample JSON Lines
+    first_record = json_object(head.split(b"\n", 1)[0])  # eval's per-sample JSON Lines, tune's log
+    if str(first_record.get("format", "")).startswith("kvwctl."):
+        return True
     return {"role", "split", "id", "generation"} <= first_record.keys()
 
 

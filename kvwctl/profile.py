@@ -26,7 +26,7 @@ from kvwctl.artifacts import PROFILE_FORMAT, model_metadata, write_artifact
 from kvwctl.checkpoint import open_checkpoint
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.conversation import RenderedSample
-from kvwctl.data import load_samples
+from kvwctl.data import Sample, load_samples
 from kvwctl.files import file_sha256
 from kvwctl.modeling import (
     CoefficientCollector,
@@ -95,7 +95,6 @@ def run_profile(
 ) -> ProfileResult:
     """Profile ``data`` on ``model`` and write the profile to ``out`` (see the module docstring)."""
     tracker = tracker or NullTracker()
-    split, positions, batch_size = options.split, options.positions, options.batch_size
     samples = load_samples(data)
     checkpoint = open_checkpoint(resolve_model(model.reference, model.revision))
     images = [image for sample in samples for image in sample.images]
@@ -104,6 +103,25 @@ def run_profile(
     torch_device = select_device(options.device)
     torch_dtype = select_dtype(options.dtype, torch_device, checkpoint.config)
     loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
+    return write_profile(loaded, fingerprint, samples, data, out, options, tracker=tracker)
+
+
+def write_profile(
+    loaded: LoadedModel,
+    fingerprint: str,
+    samples: list[Sample],
+    data: Path,
+    out: Path,
+    options: ProfileOptions,
+    *,
+    tracker: Tracker,
+) -> ProfileResult:
+    """Profile ``samples`` (read from ``data``) on a loaded model and write the profile to ``out``.
+
+    Used by ``run_profile`` and by ``kvwctl tune``, which profiles with the model it has loaded.
+    """
+    split, positions, batch_size = options.split, options.positions, options.batch_size
+    checkpoint, torch_device, torch_dtype = loaded.checkpoint, loaded.device, loaded.dtype
     rendered = render_all(loaded.renderer, samples)
 
     sums, counts = collect_sums(

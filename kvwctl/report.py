@@ -43,9 +43,13 @@ class SplitInfo:
     sha256: str
     samples: int
     with_options: int
+    fold: str | None = None  # "K/N by FIELD" with eval --fold: only that fold's samples were evaluated
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        record = asdict(self)
+        if self.fold is None:
+            del record["fold"]
+        return record
 
 
 @dataclass(frozen=True)
