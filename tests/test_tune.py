@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import expect_error, invoke, split_for
+from typer.testing import Result
 
 from kvwctl.tune import log_path_for
 
@@ -44,7 +46,7 @@ def text_data(tmp_path: Path) -> dict[str, Path]:
     }
 
 
-def _tune(model: Path, data: dict[str, Path], out: Path, *extra: str | Path) -> object:
+def _tune(model: Path, data: dict[str, Path], out: Path, *extra: str | Path) -> Result:
     return invoke(
         "tune", "--model", model, "--retain-data", data["retain"], "--forget-data", data["forget"],
         "--data", f"forget={data['forget']}", "--data", f"retain={data['retain']}", "--out", out,
@@ -52,7 +54,7 @@ def _tune(model: Path, data: dict[str, Path], out: Path, *extra: str | Path) -> 
     )  # fmt: skip
 
 
-def _log(out: Path) -> dict[str, dict[str, object]]:
+def _log(out: Path) -> dict[str, Any]:
     lines = [json.loads(line) for line in log_path_for(out).read_text().splitlines()]
     return {line["key"]: line for line in lines}
 
@@ -101,8 +103,8 @@ def test_a_trial_equals_apply_and_eval(
     rows = [json.loads(line) for line in (tmp_path / "eval.samples.jsonl").read_text().splitlines()]
     for split in ("forget", "retain"):
         expected = [row for row in rows if row["split"] == split]
-        screen = log["screen 0"]["values"][split]  # type: ignore[index]
-        generation = log["generation 0"]  # type: ignore[index]
+        screen = log["screen 0"]["values"][split]
+        generation = log["generation 0"]
         assert screen["answer_logprob"] == pytest.approx([row["answer_logprob"] for row in expected], abs=1e-6)
         assert screen["mc_acc"] == [row["mc_acc"] for row in expected]
         assert generation["generations"][split] == [row["generation"] for row in expected]
