@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvwctl import __version__
 from kvwctl.artifacts import ACCESSOR_FORMAT, check_fits_model, read_artifact
+from kvwctl.card import CARD_FILE, AttachedReport, attach_report, base_license, write_card
 from kvwctl.checkpoint import MANIFEST_FORMAT, Checkpoint, carry_over_files, copy_patched_shard, open_checkpoint
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.errors import ArtifactError, ModelError
@@ -150,18 +151,22 @@ def write_weakened_checkpoint(
     provenance: dict[str, Any],
     tracker: Tracker,
     outputs: StagedOutputs | None = None,
+    attached: AttachedReport | None = None,
 ) -> ApplyResult:
     """Stream the input shards one at a time, weaken the chosen layers, write ``out`` atomically.
 
     Refuses, before writing anything, a ``gamma`` for which ``gamma * E`` overflows float32, and
     refuses the whole checkpoint if an edited weight has a NaN or an infinity. With ``outputs``
     the checkpoint is staged there and renamed into place when the caller's
-    ``committed_together`` block ends, together with the other outputs staged in it.
+    ``committed_together`` block ends, together with the other outputs staged in it. The base's
+    ``README.md`` is not copied: the checkpoint gets its own card (:mod:`kvwctl.card`), keeping
+    the base card's license fields, with ``attached``'s results if given.
     """
     import torch
     from safetensors import safe_open
 
     check_gamma(gamma, exposures, layers)
+    license = base_license(checkpoint.path)
     axis = checkpoint.architecture.vector_axis
     edits = {layer: checkpoint.down_projections[layer] for layer in layers}
     layer_edits: dict[int, LayerEdit] = {}
@@ -173,7 +178,7 @@ def write_weakened_checkpoint(
         if outputs is None:
             outputs = stack.enter_context(committed_together())
         staging = outputs.directory(out, force=force)
-        left_out = carry_over_files(checkpoint, staging, skip={MANIFEST_FILE})
+        left_out = carry_over_files(checkpoint, staging, skip={MANIFEST_FILE, CARD_FILE})
         for shard in tracker.track(checkpoint.shards, total=len(checkpoint.shards), description="apply"):
             patches: dict[tuple[int, int], bytes] = {}
             shard_edits = [projection for projection in edits.values() if projection.shard == shard]
@@ -229,6 +234,7 @@ def write_weakened_checkpoint(
             previous_manifest=read_json_object(previous) if previous.is_file() else None,
         )
         write_json_atomically(staging / MANIFEST_FILE, manifest.to_json(), ensure_ascii=True)
+        write_card(staging, manifest.to_json(), license=license, attached=attached)
     return ApplyResult(path=out, manifest=manifest)
 
 
@@ -236,13 +242,24 @@ def write_weakened_checkpoint(
 
 
 def run_apply(
-    model: ModelSpec, accessor: Path, out: Path, options: ApplyOptions, *, tracker: Tracker | None = None
+    model: ModelSpec,
+    accessor: Path,
+    out: Path,
+    options: ApplyOptions,
+    *,
+    eval_report: Path | None = None,
+    tracker: Tracker | None = None,
 ) -> ApplyResult:
-    """One-shot: scale ``model``'s knowledge vectors by the exposure in ``accessor``; write ``out``."""
+    """One-shot: scale ``model``'s knowledge vectors by the exposure in ``accessor``; write ``out``.
+
+    ``eval_report`` (an eval of this very output, e.g. of an identical earlier run) goes into the card.
+    """
     from kvwctl.modeling import select_device
 
     checkpoint = open_checkpoint(resolve_model(model.reference, model.revision))
-    check_outputs(directories=[out], inputs=[*checkpoint.input_paths, accessor], force=options.force)
+    reports = [] if eval_report is None else [eval_report]
+    check_outputs(directories=[out], inputs=[*checkpoint.input_paths, accessor, *reports], force=options.force)
+    attached = attach_report(eval_report) if eval_report is not None else None
     selected = parse_layers(options.layers, checkpoint.num_layers)
     artifact = read_artifact(accessor, ACCESSOR_FORMAT)
     fingerprint = checkpoint.fingerprint()
@@ -277,4 +294,5 @@ def run_apply(
         input_fingerprint=fingerprint,
         provenance=provenance,
         tracker=tracker or NullTracker(),
+        attached=attached,
     )

@@ -228,6 +228,7 @@ def apply(
     ] = None,
     device: Annotated[str | None, _option(ApplyOptions, "device")] = None,
     dtype: Annotated[str | None, _option(ApplyOptions, "dtype")] = None,
+    eval_report: Annotated[Path | None, _flag("--eval", "An eval report of this output, for the model card")] = None,
     force: ForceOption = False,
     config: ConfigOption = None,
     json_output: JsonOption = False,
@@ -259,15 +260,16 @@ def apply(
         _show_inputs("apply --progressive", {"forget_data": forget_data, "retain": retain, **common, **extra})
         with console.progress_tracker() as tracker:
             result = run_progressive(
-                spec, forget_data, retain, out, options, exposure_out=exposure_out, tracker=tracker
-            )
+                spec, forget_data, retain, out, options, exposure_out=exposure_out, eval_report=eval_report,
+                tracker=tracker,
+            )  # fmt: skip
     else:
         from kvwctl.apply import run_apply
 
         accessor_path = accessor_path or project.workdir / "accessor.safetensors"
         _show_inputs("apply", {"accessor": accessor_path, **common})
         with console.progress_tracker() as tracker:
-            result = run_apply(spec, accessor_path, out, options, tracker=tracker)
+            result = run_apply(spec, accessor_path, out, options, eval_report=eval_report, tracker=tracker)
     manifest = result.manifest
     console.info(f"Layers edited: {manifest.layers}")
     console.show(apply_table(options.gamma, manifest.per_layer))
@@ -376,6 +378,52 @@ def verify(
         result = run_verify(checkpoint_dir, options, base=spec, accessor=accessor_path, tracker=tracker)
     console.info("Verified: " + "; ".join(result.checks))
     _emit(result.path, result.to_json(), json_output)
+
+
+@command()
+def card(
+    checkpoint_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A checkpoint directory written by apply")],
+    eval_report: Annotated[Path | None, _flag("--eval", "An eval report (eval.json) of this checkpoint")] = None,
+    force: Annotated[bool, _flag("--force", "Replace a README.md that kvwctl did not write.")] = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """(Re)write DIR/README.md, the model card, from kvw_manifest.json and optionally an eval report."""
+    from kvwctl.card import run_card
+
+    result = run_card(checkpoint_dir, eval_report=eval_report, force=force)
+    console.info(f"Wrote {result.path}")
+    _emit(result.path, result.to_json(), json_output)
+
+
+@command()
+def push(
+    checkpoint_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A checkpoint directory written by apply")],
+    repo_id: Annotated[str, typer.Argument(metavar="REPO", help="Hub model repository, owner/name")],
+    revision: Annotated[
+        str | None, _flag("--revision", "Branch to push to (created if missing) [default: main]")
+    ] = None,
+    private: Annotated[bool, _flag("--private", "Create the repository private (if it does not exist).")] = False,
+    create_pr: Annotated[bool, _flag("--create-pr", "Open a pull request against main instead of committing.")] = False,
+    token: Annotated[str | None, _flag("--token", "Hub token [default: HF_TOKEN or the saved login]")] = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Upload a checkpoint (checked as verify DIR checks it) to the Hugging Face Hub."""
+    from kvwctl.push import run_push
+
+    with console.progress_tracker() as tracker:
+        result = run_push(
+            checkpoint_dir, repo_id, revision=revision, private=private, create_pr=create_pr, token=token,
+            tracker=tracker,
+        )  # fmt: skip
+    console.info(f"Pushed {result.path} to {result.repo_url} ({result.revision})")
+    if json_output:
+        _emit(result.path, result.to_json(), True)
+    else:
+        typer.echo(result.pr_url or result.commit_url)
 
 
 @app.command()

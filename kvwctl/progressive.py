@@ -35,6 +35,7 @@ from kvwctl.artifacts import (
     retain_coefficients,
     write_artifact,
 )
+from kvwctl.card import attach_report, base_license
 from kvwctl.checkpoint import open_checkpoint
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.data import load_samples
@@ -63,6 +64,7 @@ def run_progressive(
     options: ApplyOptions,
     *,
     exposure_out: Path | None = None,
+    eval_report: Path | None = None,
     tracker: Tracker | None = None,
 ) -> ApplyResult:
     """Algorithm 1: per forget batch, forward the current model, compute ``A_b``, weaken.
@@ -71,7 +73,8 @@ def run_progressive(
     working weights are derived from the original ones at every step, ``W_0 * exp(-gamma * E)``,
     so rounding to the model's dtype never compounds. The exposure applied is written beside the
     checkpoint in the accessor format (``<out>.exposure.safetensors`` unless ``exposure_out`` is given),
-    so one-shot and progressive runs compare file to file.
+    so one-shot and progressive runs compare file to file. ``eval_report`` goes into the card
+    (:func:`kvwctl.apply.run_apply` says which reports fit).
     """
     import torch
 
@@ -83,8 +86,10 @@ def run_progressive(
     samples = load_samples(forget_data)
     exposure_path = exposure_out or out.parent / f"{out.name}.{EXPOSURE_FILE}"
     images = [image for sample in samples for image in sample.images]
-    inputs = [*checkpoint.input_paths, forget_data, *images, retain_profile]
+    inputs = [*checkpoint.input_paths, forget_data, *images, retain_profile, *([eval_report] if eval_report else [])]
     check_outputs(files=[exposure_path], directories=[out], inputs=inputs, force=force)
+    attached = attach_report(eval_report) if eval_report is not None else None
+    base_license(checkpoint.path)  # a base card whose metadata cannot be read fails before model work
     selected = parse_layers(options.layers, checkpoint.num_layers)
     retain = read_artifact(retain_profile, PROFILE_FORMAT)
     if retain.metadata.get("split") != "retain":
@@ -174,5 +179,6 @@ def run_progressive(
             provenance=provenance,
             tracker=tracker,
             outputs=outputs,
+            attached=attached,
         )
     return result

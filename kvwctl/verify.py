@@ -24,7 +24,8 @@ of a progressive run, which is in the accessor format):
    ``progressive.exposure_sha256``, and it was made from ``M``.
 6. ``M`` is the input: its fingerprint is ``input_model.fingerprint``, its shards' sha256 are
    ``input_shards``, its own manifest (if any) is ``previous_manifest``, and every other file
-   (tokenizer, configs, templates) is carried over byte for byte.
+   (tokenizer, configs, templates, license files) is carried over byte for byte; ``README.md``
+   is not compared: it is the card kvwctl wrote in place of the base's (:mod:`kvwctl.card`).
 7. Tensor by tensor, one shard at a time (``safe_open``; never the whole model in memory): every
    tensor that is not an edited down projection is byte-identical to ``M``'s tensor of the same
    name, and every edited one is byte-identical to ``scale_vectors(W_M, gates(E, gamma))`` with
@@ -47,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvwctl import __version__
 from kvwctl.artifacts import ACCESSOR_FORMAT, check_fits_model, read_artifact
+from kvwctl.card import CARD_FILE
 from kvwctl.checkpoint import FOREIGN_WEIGHT_SUFFIXES, MANIFEST_FILE, MANIFEST_FORMAT, Checkpoint, open_checkpoint
 from kvwctl.console import NullTracker, Tracker
 from kvwctl.errors import ArtifactError, UsageError, VerificationError
@@ -193,7 +195,7 @@ def run_verify(
 ) -> VerifyResult:
     """Check ``checkpoint_dir`` against its manifest and, with ``base`` and ``accessor``, its edit."""
     tracker = tracker or NullTracker()
-    manifest = _read_manifest(checkpoint_dir)
+    manifest = read_manifest(checkpoint_dir)
     checks = ["manifest well-formed"]
     shards: dict[str, str] = manifest["shards"]
     for name, digest in tracker.track(shards.items(), total=len(shards), description="hash shards"):
@@ -236,7 +238,8 @@ def run_verify(
     return _verify_edit(output, manifest, result, base, accessor, options, tracker)
 
 
-def _read_manifest(checkpoint_dir: Path) -> dict[str, Any]:
+def read_manifest(checkpoint_dir: Path) -> dict[str, Any]:
+    """``checkpoint_dir/kvw_manifest.json``, checked as :func:`check_manifest` (check 1)."""
     if not checkpoint_dir.is_dir():
         raise VerificationError(
             f"{checkpoint_dir} is not a directory", hint="pass the checkpoint directory apply wrote"
@@ -369,7 +372,8 @@ def _verify_edit(
 
 
 def _compare_other_files(output: Checkpoint, base: Checkpoint, manifest: dict[str, Any]) -> int:
-    """Every non-weight file of the output equals the base's; the base's own manifest is the previous one."""
+    """Every non-weight file of the output but its card (README.md) equals the base's; the base's own
+    manifest is the previous one."""
     previous = base.path / MANIFEST_FILE
     try:
         recorded = json.loads(previous.read_text(encoding="utf-8")) if previous.is_file() else None
@@ -384,7 +388,7 @@ def _compare_other_files(output: Checkpoint, base: Checkpoint, manifest: dict[st
             relative = path.relative_to(checkpoint.path)
             if path.is_file() and not relative.parts[0].startswith(".") and not path.name.endswith(WEIGHT_SUFFIXES):
                 names.add(relative.as_posix())
-        return names - {MANIFEST_FILE}
+        return names - {MANIFEST_FILE, CARD_FILE}  # the card is kvwctl's own, rewritten by kvwctl card
 
     carried, original = others(output), others(base)
     if carried != original:
