@@ -105,7 +105,9 @@ def read_eval_report(path: Path) -> dict[str, Any]:
     if not isinstance(results, dict):
         raise fail("results is not an object")
     for role, splits in results.items():
-        for split, metrics in splits.items() if isinstance(splits, dict) else [(None, None)]:
+        if not isinstance(splits, dict):
+            raise fail(f"results.{role} is not an object of splits")
+        for split, metrics in splits.items():
             if not isinstance(metrics, dict):
                 raise fail(f"results.{role}.{split} is not an object of metrics")
             for metric, summary in metrics.items():
@@ -194,7 +196,7 @@ def _number(value: object) -> str:
         return "n/a" if value is None else str(value)
     if isinstance(value, float) and not math.isfinite(value):
         return "non-finite"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def _summary(manifest: dict[str, Any], from_hub: bool) -> str:
