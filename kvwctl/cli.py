@@ -414,6 +414,10 @@ def push(
     """Upload a checkpoint (checked as verify DIR checks it) to the Hugging Face Hub."""
     from kvwctl.push import run_push
 
+    if quiet:  # huggingface_hub's upload progress goes to stderr otherwise
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     with console.progress_tracker() as tracker:
         result = run_push(
             checkpoint_dir, repo_id, revision=revision, private=private, create_pr=create_pr, token=token,

@@ -74,9 +74,17 @@ def run_push(
 ) -> PushResult:
     """Check ``checkpoint_dir`` (verify's checks without a base, a kvwctl card), then upload it."""
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
     from kvwctl.verify import read_manifest, run_verify
 
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise UsageError(f"{repo_id!r} is not a Hub repository id: {error}", hint="pass owner/name") from None
+    if "/" not in repo_id:
+        raise UsageError(f"{repo_id!r} is not a Hub repository id: it has no owner", hint="pass owner/name")
     branch = revision or DEFAULT_BRANCH
     if create_pr and branch != DEFAULT_BRANCH:
         raise UsageError(
@@ -124,8 +132,8 @@ def hub_errors(repo_id: str) -> Iterator[None]:
 
     try:
         yield
-    except HFValidationError as error:
-        raise UsageError(f"{repo_id} is not a valid Hub repository id: {error}") from None
+    except HFValidationError as error:  # a --revision that is not a valid branch name, for instance
+        raise UsageError(f"cannot push to {repo_id}: {error}") from None
     except OfflineModeIsEnabled:
         raise KvwError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set", hint="unset HF_HUB_OFFLINE") from None
     except HfHubHTTPError as error:

@@ -220,3 +220,9 @@ def test_create_pr_with_a_revision_is_a_usage_error(hub: FakeHub, unlearned: Pat
     result = invoke("push", unlearned, REPO, "--create-pr", "--revision", "dev", "--token", TOKEN)
     expect_error(result, "--create-pr with --revision dev", exit_code=2)
     assert hub.requests == []
+
+
+@pytest.mark.parametrize("repo", ["no-owner", "a/b/c", "bad repo/x"])
+def test_a_malformed_repository_id_is_a_usage_error(hub: FakeHub, unlearned: Path, repo: str) -> None:
+    expect_error(invoke("push", unlearned, repo, "--token", TOKEN), f"{repo!r} is not a Hub repository id", exit_code=2)
+    assert hub.requests == []
