@@ -415,7 +415,7 @@ def push(
     from kvwctl.push import run_push
 
     if quiet:  # huggingface_hub's upload progress goes to stderr otherwise
-        from huggingface_hub.utils import disable_progress_bars
+        from huggingface_hub.utils.tqdm import disable_progress_bars
 
         disable_progress_bars()
     with console.progress_tracker() as tracker:

@@ -75,7 +75,7 @@ def run_push(
     """Check ``checkpoint_dir`` (verify's checks without a base, a kvwctl card), then upload it."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub.utils._validators import validate_repo_id  # re-exported by utils, untyped there
 
     from kvwctl.verify import read_manifest, run_verify
 

@@ -226,3 +226,17 @@ def test_create_pr_with_a_revision_is_a_usage_error(hub: FakeHub, unlearned: Pat
 def test_a_malformed_repository_id_is_a_usage_error(hub: FakeHub, unlearned: Path, repo: str) -> None:
     expect_error(invoke("push", unlearned, repo, "--token", TOKEN), f"{repo!r} is not a Hub repository id", exit_code=2)
     assert hub.requests == []
+
+
+def test_quiet_push_prints_only_the_result(hub: FakeHub, unlearned: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub.utils.tqdm import enable_progress_bars
+
+    pytest.importorskip("hf_xet")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)  # the pipeline, which draws its own progress
+    try:
+        result = invoke("push", unlearned, REPO, "--token", TOKEN, "--quiet")
+    finally:
+        enable_progress_bars()
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    assert result.stdout.startswith(f"{hub.url}/{REPO}/commit/")
