@@ -175,9 +175,10 @@ def test_license_file_names(name: str, expected: bool) -> None:
 
 
 def test_the_hub_allow_list_downloads_license_files_and_the_card_but_no_other_markdown() -> None:
-    names = ["LICENSE", "LICENSE.txt", "license", "NOTICE.md", "COPYING", "USE_POLICY.md", "README.md", "notes.md"]
+    names = ["LICENSE", "LICENSE.txt", "LICENSE-MIT", "license", "Licence.md", "NOTICE.md", "COPYING", "USE_POLICY.md"]
+    names += ["README.md", "notes.md", "docs/LICENSE.md"]
     kept = list(filter_repo_objects(names, allow_patterns=HUB_ALLOW_PATTERNS))
-    assert kept == names[:-1]
+    assert kept == names[:-2]
 
 
 # --- through apply and the CLI -------------------------------------------------------------------
