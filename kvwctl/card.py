@@ -28,6 +28,7 @@ from typing import Any
 
 from kvwctl.errors import ArtifactError, KvwError, ModelError
 from kvwctl.files import file_sha256, write_text_atomically
+from kvwctl.report import EVAL_FORMAT
 
 CARD_FILE = "README.md"
 CARD_TAGS = ("kvwctl", "unlearning", "knowledge-vector-weakening")
@@ -36,7 +37,6 @@ LICENSE_FIELDS = ("license", "license_name", "license_link")
 # LICENSE, LICENCE, COPYING, NOTICE and Llama's USE_POLICY, with any suffix (.txt, .md, -MIT),
 # in any case, in the checkpoint's top directory.
 _LICENSE_NAME = re.compile(r"^(licen[cs]e|copying|notice|use[_-]policy)([._-].*)?$", re.IGNORECASE)
-EVAL_FORMAT = "kvwctl.eval/2"  # the one kvwctl.report writes (not imported: it pulls in the metrics)
 
 
 def is_license_file(name: str) -> bool:
