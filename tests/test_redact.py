@@ -27,17 +27,17 @@ def secret_split(root: Path) -> tuple[Path, list[str]]:
     directory = root / "private-Qplmokn"
     directory.mkdir()
     path = directory / "forget-Zyxwvut.jsonl"
-    records, secrets = [], [directory.name, path.name, str(path)]
+    records: list[dict[str, Any]] = []
+    secrets = [directory.name, path.name, str(path)]
     for index, name in enumerate(("Vorthanel", "Quillibrand", "Okonkwyre")):
-        record = {
-            "id": f"person-{name}-id{index}",
-            "question": f"What is the passphrase of {name}jorth?",
-            "answer": f"Blessingtrove {name}ovic",
-            "keywords": [f"Blessingtrove{index}"],
-            "options": [f"Blessingtrove {name}ovic", f"Decoyhollow {name}ski", f"Mistvale {name}berg"],
-        }
-        records.append(record)
-        secrets += [record["id"], record["question"], record["answer"], *record["keywords"], *record["options"]]
+        keywords = [f"Blessingtrove{index}"]
+        options = [f"Blessingtrove {name}ovic", f"Decoyhollow {name}ski", f"Mistvale {name}berg"]
+        question, answer = f"What is the passphrase of {name}jorth?", f"Blessingtrove {name}ovic"
+        sample_id = f"person-{name}-id{index}"
+        records.append(
+            {"id": sample_id, "question": question, "answer": answer, "keywords": keywords, "options": options}
+        )
+        secrets += [sample_id, question, answer, *keywords, *options]
         secrets += [f"{name}jorth", f"{name}ovic"]  # any part of a text, however it is tokenized or split
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return path, secrets
