@@ -10,8 +10,9 @@ Option values come from the flag, else ``KVW_<KEY>``, else kvw.toml, else the de
 stage's options dataclass declares (``kvwctl.options``); help texts show those defaults. stdout
 carries only results (the output path, or JSON with ``--json``); messages, tables and progress
 bars go to stderr. ``--dry-run`` on every command stops after the stage's plan (``kvwctl.plans``):
-inputs resolved and checked, the plan shown, nothing loaded or written. Exit codes follow the one rule in ``kvwctl.errors`` (0, 1 bad input or failed
-check, 2 usage, 130 interrupted, 143/129 SIGTERM/SIGHUP), applied in the single catch site below;
+inputs resolved and checked, the plan shown, nothing loaded or written. Exit codes follow the one
+rule in ``kvwctl.errors`` (0, 1 bad input or failed check, 2 usage, 130 interrupted, 143/129
+SIGTERM/SIGHUP), applied in the single catch site below;
 while a command runs, SIGTERM and SIGHUP raise ``errors.Terminated`` so that outputs are cleaned
 up exactly as on Ctrl-C. Nothing ever prompts.
 This is the only module that imports typer; torch is imported only inside command bodies
@@ -24,7 +25,7 @@ import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -33,6 +34,9 @@ from kvwctl.config import load_config, parse_named_paths, require
 from kvwctl.console import show_inputs as _show_inputs
 from kvwctl.errors import UsageError, describe, exit_code_for, termination_signals_raise
 from kvwctl.options import AccessorOptions, ApplyOptions, EvalOptions, ProfileOptions, VerifyOptions, fill, help_text
+
+if TYPE_CHECKING:
+    from kvwctl.plans import Plan
 
 app = typer.Typer(
     name="kvwctl",
@@ -123,7 +127,7 @@ def _emit(path: Path, summary: dict[str, Any], as_json: bool) -> None:
         typer.echo(str(path))
 
 
-def _dry_run(plan: Any, as_json: bool) -> None:
+def _dry_run(plan: Plan, as_json: bool) -> None:
     """A dry run's result: the plan as a table on stderr, and as JSON on stdout with ``--json``."""
     from kvwctl.tables import plan_table
 
@@ -288,7 +292,7 @@ def apply(
     out = out or project.workdir / "unlearned"
     common = {"model": spec.reference, "out": out, "revision": spec.revision, "gamma": options.gamma}
     common |= {"layers": options.layers, "device": options.device}
-    plan: Any
+    plan: Plan
     if options.progressive:
         from kvwctl.progressive import execute_progressive, plan_progressive
 
