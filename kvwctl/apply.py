@@ -15,19 +15,21 @@ weight and rounded once to the stored dtype. The directory is staged beside ``--
 into place at the end, with ``kvw_manifest.json`` recording how it was made: with the sha256 of
 every input and output shard, the package versions and the device, ``kvwctl verify`` can check the
 checkpoint later and recompute the edit (:mod:`kvwctl.verify`). Paths in the manifest are relative
-to its directory when they lie under it, else recorded as given (:func:`recorded_path`).
+to its directory when they lie under it, else recorded as given (:func:`recorded_path`); with
+``redact`` they are keyed hashes and the manifest says ``"redacted": true`` (``kvwctl.redact``).
+``plan_apply`` makes every check before a weight is read (``kvwctl.plans``, ``--dry-run``).
 """
 
 from __future__ import annotations
 
 import hashlib
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvwctl import __version__
-from kvwctl.artifacts import ACCESSOR_FORMAT, check_fits_model, read_artifact
+from kvwctl.artifacts import ACCESSOR_FORMAT, Artifact, check_fits_model, read_artifact
 from kvwctl.card import CARD_FILE, AttachedReport, attach_report, base_license, write_card
 from kvwctl.checkpoint import MANIFEST_FORMAT, Checkpoint, carry_over_files, copy_patched_shard, open_checkpoint
 from kvwctl.console import NullTracker, Tracker
@@ -37,6 +39,8 @@ from kvwctl.headers import read_json_object
 from kvwctl.method import check_gamma, gates, parse_layers, scale_vectors, tensor_bytes
 from kvwctl.options import ApplyOptions
 from kvwctl.outputs import MANIFEST_FILE, check_outputs, inside
+from kvwctl.plans import checkpoint_facts, output_facts
+from kvwctl.redact import Redactor
 from kvwctl.source import ModelSpec, resolve_model
 
 if TYPE_CHECKING:
@@ -103,6 +107,7 @@ class Manifest:
     not_carried_over: list[str]
     output_fingerprint: str
     previous_manifest: dict[str, Any] | None  # the input checkpoint's own manifest, if it had one
+    redaction: dict[str, Any] = field(default_factory=dict)  # {"redacted": true, "redaction": scheme} or {}
 
     @property
     def mode(self) -> str:
@@ -129,6 +134,7 @@ class Manifest:
             "not_carried_over": self.not_carried_over,
             "output_fingerprint": self.output_fingerprint,
             "previous_manifest": self.previous_manifest,
+            **self.redaction,
         }
 
 
@@ -152,6 +158,7 @@ def write_weakened_checkpoint(
     tracker: Tracker,
     outputs: StagedOutputs | None = None,
     attached: AttachedReport | None = None,
+    redaction: dict[str, Any] | None = None,
 ) -> ApplyResult:
     """Stream the input shards one at a time, weaken the chosen layers, write ``out`` atomically.
 
@@ -161,6 +168,7 @@ def write_weakened_checkpoint(
     ``committed_together`` block ends, together with the other outputs staged in it. The base's
     ``README.md`` is not copied: the checkpoint gets its own card (:mod:`kvwctl.card`), keeping
     the base card's license fields, with ``attached``'s results if given.
+    ``redaction`` (``Redactor.record()``) goes in the manifest: the caller has hashed the paths.
     """
     import torch
     from safetensors import safe_open
@@ -232,6 +240,7 @@ def write_weakened_checkpoint(
             # Same config and headers as the input, so the same tensors; only edited bytes differ.
             output_fingerprint=checkpoint.fingerprint(output_digests),
             previous_manifest=read_json_object(previous) if previous.is_file() else None,
+            redaction=redaction or {},
         )
         write_json_atomically(staging / MANIFEST_FILE, manifest.to_json(), ensure_ascii=True)
         write_card(staging, manifest.to_json(), license=license, attached=attached)
@@ -239,6 +248,84 @@ def write_weakened_checkpoint(
 
 
 # --- one-shot ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApplyPlan:
+    """A one-shot apply resolved and checked: checkpoint (headers only), layers, accessor, output."""
+
+    model: ModelSpec
+    checkpoint: Checkpoint
+    accessor: Artifact
+    exposures: list[torch.Tensor]  # (m,) float32 per layer, from the accessor
+    layers: list[int]
+    out: Path
+    options: ApplyOptions
+    device: str
+    attached: AttachedReport | None = None  # an eval report of this output, for the card
+    command: str = "apply"
+
+    def facts(self) -> dict[str, Any]:
+        """What a dry run prints (``kvwctl.plans``)."""
+        keys = ("model", "model_fingerprint", "mode", "batch_size", "num_batches", "positions")
+        return {
+            "command": self.command,
+            "model": checkpoint_facts(self.checkpoint),
+            "layers": self.layers,
+            "edited_tensors": {str(layer): self.checkpoint.down_projections[layer].name for layer in self.layers},
+            "accessor": {"path": str(self.accessor.path), **{key: self.accessor.metadata.get(key) for key in keys}},
+            "settings": {
+                "gamma": self.options.gamma,
+                "mode": "one-shot",
+                "device": self.device,
+                "redact": self.options.redact,
+            },
+            "outputs": [output_facts(self.out, "checkpoint", force=self.options.force)],
+        }
+
+
+def plan_apply(
+    model: ModelSpec, accessor: Path, out: Path, options: ApplyOptions, *, eval_report: Path | None = None
+) -> ApplyPlan:
+    """Every check ``run_apply`` makes before reading a weight (all but the fingerprint's).
+
+    ``eval_report`` (an eval of this very output, e.g. of an identical earlier run) goes into the card.
+    """
+    from kvwctl.modeling import select_device
+
+    checkpoint = open_checkpoint(resolve_model(model.reference, model.revision))
+    reports = [] if eval_report is None else [eval_report]
+    check_outputs(directories=[out], inputs=[*checkpoint.input_paths, accessor, *reports], force=options.force)
+    attached = attach_report(eval_report) if eval_report is not None else None
+    selected = parse_layers(options.layers, checkpoint.num_layers)
+    artifact = read_artifact(accessor, ACCESSOR_FORMAT)
+    if int(artifact.metadata["num_layers"]) != checkpoint.num_layers:
+        raise ArtifactError(
+            f"{accessor} was made from {artifact.metadata['model']} with {artifact.metadata['num_layers']} layers, "
+            f"not from {checkpoint.source.reference} with {checkpoint.num_layers}",
+            hint="profile and apply must use the same model weights",
+        )
+    exposures = []
+    for layer in range(checkpoint.num_layers):
+        exposure = artifact.layer_tensor(layer, "exposure")
+        if exposure.numel() != checkpoint.num_vectors(layer):
+            raise ArtifactError(
+                f"{accessor}: layer {layer} has {exposure.numel()} exposures; the model has "
+                f"{checkpoint.num_vectors(layer)} knowledge vectors"
+            )
+        exposures.append(exposure)
+    check_gamma(options.gamma, exposures, selected)
+    return ApplyPlan(
+        model=model,
+        checkpoint=checkpoint,
+        accessor=artifact,
+        exposures=exposures,
+        layers=selected,
+        out=out,
+        options=options,
+        device=str(select_device(options.device)),
+        attached=attached,
+    )
 
 
 def run_apply(
@@ -254,45 +341,37 @@ def run_apply(
 
     ``eval_report`` (an eval of this very output, e.g. of an identical earlier run) goes into the card.
     """
-    from kvwctl.modeling import select_device
+    return execute_apply(plan_apply(model, accessor, out, options, eval_report=eval_report), tracker=tracker)
 
-    checkpoint = open_checkpoint(resolve_model(model.reference, model.revision))
-    reports = [] if eval_report is None else [eval_report]
-    check_outputs(directories=[out], inputs=[*checkpoint.input_paths, accessor, *reports], force=options.force)
-    attached = attach_report(eval_report) if eval_report is not None else None
-    selected = parse_layers(options.layers, checkpoint.num_layers)
-    artifact = read_artifact(accessor, ACCESSOR_FORMAT)
+
+def execute_apply(plan: ApplyPlan, *, tracker: Tracker | None = None) -> ApplyResult:
+    """The work of a planned one-shot apply: fingerprint, then the weakened checkpoint."""
+    import torch
+
+    checkpoint, artifact, out, options = plan.checkpoint, plan.accessor, plan.out, plan.options
+    redactor = Redactor.create(enabled=options.redact)
     fingerprint = checkpoint.fingerprint()
     check_fits_model(artifact, checkpoint, fingerprint)
-    exposures = []
-    for layer in range(checkpoint.num_layers):
-        exposure = artifact.layer_tensor(layer, "exposure")
-        if exposure.numel() != checkpoint.num_vectors(layer):
-            raise ArtifactError(
-                f"{accessor}: layer {layer} has {exposure.numel()} exposures; the model has "
-                f"{checkpoint.num_vectors(layer)} knowledge vectors"
-            )
-        exposures.append(exposure)
-    check_gamma(options.gamma, exposures, selected)
     provenance = {
         "mode": "one-shot",
         "accessor": {
-            "path": recorded_path(accessor, out),
-            "sha256": file_sha256(accessor),
+            "path": redactor.text(recorded_path(artifact.path, out)),
+            "sha256": file_sha256(artifact.path),
             "batch_size": int(artifact.metadata["batch_size"]),
             "mode": artifact.metadata["mode"],
         },
     }
     return write_weakened_checkpoint(
         checkpoint,
-        exposures,
+        plan.exposures,
         gamma=options.gamma,
-        layers=selected,
+        layers=plan.layers,
         out=out,
         force=options.force,
-        device=select_device(options.device),
+        device=torch.device(plan.device),
         input_fingerprint=fingerprint,
         provenance=provenance,
         tracker=tracker or NullTracker(),
-        attached=attached,
+        attached=plan.attached,
+        redaction=redactor.record(),
     )

@@ -9,8 +9,10 @@
 Option values come from the flag, else ``KVW_<KEY>``, else kvw.toml, else the default that the
 stage's options dataclass declares (``kvwctl.options``); help texts show those defaults. stdout
 carries only results (the output path, or JSON with ``--json``); messages, tables and progress
-bars go to stderr. Exit codes follow the one rule in ``kvwctl.errors`` (0, 1 bad input or failed
-check, 2 usage, 130 interrupted, 143/129 SIGTERM/SIGHUP), applied in the single catch site below;
+bars go to stderr. ``--dry-run`` on every command stops after the stage's plan (``kvwctl.plans``):
+inputs resolved and checked, the plan shown, nothing loaded or written. Exit codes follow the one
+rule in ``kvwctl.errors`` (0, 1 bad input or failed check, 2 usage, 130 interrupted, 143/129
+SIGTERM/SIGHUP), applied in the single catch site below;
 while a command runs, SIGTERM and SIGHUP raise ``errors.Terminated`` so that outputs are cleaned
 up exactly as on Ctrl-C. Nothing ever prompts.
 This is the only module that imports typer; torch is imported only inside command bodies
@@ -23,7 +25,7 @@ import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -32,6 +34,9 @@ from kvwctl.config import load_config, parse_named_paths, require
 from kvwctl.console import show_inputs as _show_inputs
 from kvwctl.errors import UsageError, describe, exit_code_for, termination_signals_raise
 from kvwctl.options import AccessorOptions, ApplyOptions, EvalOptions, ProfileOptions, VerifyOptions, fill, help_text
+
+if TYPE_CHECKING:
+    from kvwctl.plans import Plan
 
 app = typer.Typer(
     name="kvwctl",
@@ -66,6 +71,18 @@ ForceOption = Annotated[bool, _flag("--force", "Replace an existing output.")]
 JsonOption = Annotated[bool, _flag("--json", "Print a JSON summary on stdout instead of the output path.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
 DebugOption = Annotated[bool, _flag("--debug", "Show tracebacks.")]
+DryRunOption = Annotated[
+    bool,
+    _flag("--dry-run", "Resolve and check the inputs, print the plan (--json: on stdout) and exit: no model work."),
+]
+RedactOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--redact/--no-redact",
+        help="Write sample ids and data paths as keyed hashes and leave out the texts [kvw.toml: redact]",
+        show_default=False,
+    ),
+]
 
 
 def command(name: str | None = None) -> Callable[[F], F]:
@@ -110,6 +127,17 @@ def _emit(path: Path, summary: dict[str, Any], as_json: bool) -> None:
         typer.echo(str(path))
 
 
+def _dry_run(plan: Plan, as_json: bool) -> None:
+    """A dry run's result: the plan as a table on stderr, and as JSON on stdout with ``--json``."""
+    from kvwctl.tables import plan_table
+
+    facts = plan.facts()
+    console.show(plan_table(facts))
+    console.info("Dry run: nothing was loaded or written.")
+    if as_json:
+        typer.echo(json.dumps({"dry_run": True, **facts}, indent=2, default=str, allow_nan=False))
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(__version__)
@@ -139,19 +167,22 @@ def profile(
     batch_size: Annotated[int | None, _option(ProfileOptions, "batch_size")] = None,
     device: Annotated[str | None, _option(ProfileOptions, "device")] = None,
     dtype: Annotated[str | None, _option(ProfileOptions, "dtype")] = None,
+    redact: RedactOption = None,
     force: ForceOption = False,
+    dry_run: DryRunOption = False,
     config: ConfigOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Knowledge coefficients of a data split: mean |input| of every down projection."""
-    from kvwctl.profile import run_profile
+    from kvwctl.profile import execute_profile, plan_profile
 
     project = load_config(config)
     options = fill(
         ProfileOptions,
-        dict(split=split, positions=positions, batch_size=batch_size, device=device, dtype=dtype, force=force),
+        dict(split=split, positions=positions, batch_size=batch_size, device=device, dtype=dtype, force=force)
+        | {"redact": redact},
         project,
     )
     spec = project.model_spec(model, revision)
@@ -159,8 +190,11 @@ def profile(
     out = out or project.workdir / f"profile-{options.split}.safetensors"
     shown = {"model": spec.reference, "data": data, "out": out, "revision": spec.revision}
     _show_inputs("profile", shown | {key: value for key, value in vars(options).items() if key != "force"})
+    plan = plan_profile(spec, data, out, options)
+    if dry_run:
+        return _dry_run(plan, json_output)
     with console.progress_tracker() as tracker:
-        result = run_profile(spec, data, out, options, tracker=tracker)
+        result = execute_profile(plan, tracker=tracker)
     console.info(
         f"Profiled {result.num_samples} samples, {result.num_positions} positions, {result.num_layers} layers "
         f"-> {result.path}"
@@ -179,23 +213,29 @@ def accessor(
     out: Annotated[Path | None, _flag("--out", "Output file [default: <workdir>/accessor.safetensors]")] = None,
     batch_size: Annotated[int | None, _option(AccessorOptions, "batch_size")] = None,
     save_batches: Annotated[bool, _option(AccessorOptions, "save_batches")] = False,
+    redact: RedactOption = None,
     force: ForceOption = False,
+    dry_run: DryRunOption = False,
     config: ConfigOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Forget exposure E = sum over forget batches of max(0, log C_f - log C_r)."""
-    from kvwctl.accessor import run_accessor
+    from kvwctl.accessor import execute_accessor, plan_accessor
     from kvwctl.tables import accessor_table
 
     project = load_config(config)
-    options = fill(AccessorOptions, dict(batch_size=batch_size, save_batches=save_batches, force=force), project)
+    flags = dict(batch_size=batch_size, save_batches=save_batches, redact=redact, force=force)
+    options = fill(AccessorOptions, flags, project)
     forget = forget or project.workdir / "profile-forget.safetensors"
     retain = retain or project.workdir / "profile-retain.safetensors"
     out = out or project.workdir / "accessor.safetensors"
     _show_inputs("accessor", {"forget": forget, "retain": retain, "out": out, "batch_size": options.batch_size})
-    result = run_accessor(forget, retain, out, options)
+    plan = plan_accessor(forget, retain, out, options)
+    if dry_run:
+        return _dry_run(plan, json_output)
+    result = execute_accessor(plan)
     console.show(accessor_table(result))
     _emit(result.path, result.summary(), json_output)
 
@@ -229,7 +269,9 @@ def apply(
     device: Annotated[str | None, _option(ApplyOptions, "device")] = None,
     dtype: Annotated[str | None, _option(ApplyOptions, "dtype")] = None,
     eval_report: Annotated[Path | None, _flag("--eval", "An eval report of this output, for the model card")] = None,
+    redact: RedactOption = None,
     force: ForceOption = False,
+    dry_run: DryRunOption = False,
     config: ConfigOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
@@ -246,30 +288,33 @@ def apply(
             applies = "does not apply with --progressive" if progressive else "applies to --progressive only"
             raise UsageError(f"--{name.replace('_', '-')} {applies}")
     flags = dict(gamma=gamma, layers=layers, progressive=progressive, batch_size=batch_size, device=device)
-    options = fill(ApplyOptions, {**flags, "dtype": dtype, "force": force}, project)
+    options = fill(ApplyOptions, {**flags, "dtype": dtype, "redact": redact, "force": force}, project)
     spec = project.model_spec(model, revision)
     out = out or project.workdir / "unlearned"
     common = {"model": spec.reference, "out": out, "revision": spec.revision, "gamma": options.gamma}
     common |= {"layers": options.layers, "device": options.device}
+    plan: Plan
     if options.progressive:
-        from kvwctl.progressive import run_progressive
+        from kvwctl.progressive import execute_progressive, plan_progressive
 
         forget_data = require(forget_data or project.split("forget"), flag="--forget-data", key="splits.forget")
         retain = retain or project.workdir / "profile-retain.safetensors"
         extra = {"batch_size": options.batch_size, "dtype": options.dtype}
         _show_inputs("apply --progressive", {"forget_data": forget_data, "retain": retain, **common, **extra})
-        with console.progress_tracker() as tracker:
-            result = run_progressive(
-                spec, forget_data, retain, out, options, exposure_out=exposure_out, eval_report=eval_report,
-                tracker=tracker,
-            )  # fmt: skip
+        plan = plan_progressive(
+            spec, forget_data, retain, out, options, exposure_out=exposure_out, eval_report=eval_report
+        )
+        execute: Callable[..., Any] = execute_progressive
     else:
-        from kvwctl.apply import run_apply
+        from kvwctl.apply import execute_apply, plan_apply
 
         accessor_path = accessor_path or project.workdir / "accessor.safetensors"
         _show_inputs("apply", {"accessor": accessor_path, **common})
-        with console.progress_tracker() as tracker:
-            result = run_apply(spec, accessor_path, out, options, eval_report=eval_report, tracker=tracker)
+        plan, execute = plan_apply(spec, accessor_path, out, options, eval_report=eval_report), execute_apply
+    if dry_run:
+        return _dry_run(plan, json_output)
+    with console.progress_tracker() as tracker:
+        result = execute(plan, tracker=tracker)
     manifest = result.manifest
     console.info(f"Layers edited: {manifest.layers}")
     console.show(apply_table(options.gamma, manifest.per_layer))
@@ -312,18 +357,21 @@ def evaluate(
     batch_size: Annotated[int | None, _option(EvalOptions, "batch_size")] = None,
     device: Annotated[str | None, _option(EvalOptions, "device")] = None,
     dtype: Annotated[str | None, _option(EvalOptions, "dtype")] = None,
+    redact: RedactOption = None,
     force: ForceOption = False,
+    dry_run: DryRunOption = False,
     config: ConfigOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Generation and likelihood metrics of a model (and a baseline) on data splits, with requirements."""
-    from kvwctl.evaluate import run_eval
+    from kvwctl.evaluate import execute_eval, plan_eval
     from kvwctl.tables import eval_table
 
     project = load_config(config)
     flags = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype, force=force)
+    flags |= {"redact": redact}
     options = fill(EvalOptions, {**flags, "require": tuple(require_) if require_ else None}, project)
     models = project.eval_models(model, revision, baseline=baseline, reference=reference)
     splits = parse_named_paths(data, flag="--data") if data else dict(project.splits)
@@ -334,8 +382,11 @@ def evaluate(
     shown |= {f"data {name}": path for name, path in splits.items()}
     settings = {key: value for key, value in vars(options).items() if key not in ("require", "force")}
     _show_inputs("eval", {**shown, "out": out, **settings})
+    plan = plan_eval(models, splits, out, options, samples_out=samples_out)
+    if dry_run:
+        return _dry_run(plan, json_output)
     with console.progress_tracker() as tracker:
-        result = run_eval(models, splits, out, options, samples_out=samples_out, tracker=tracker)
+        result = execute_eval(plan, tracker=tracker)
     console.show(eval_table(result.report))
     if result.report.non_finite:
         console.error(
@@ -362,20 +413,24 @@ def verify(
     revision: Annotated[str | None, _flag("--revision", "Hub branch, tag or commit of --base")] = None,
     accessor_path: Annotated[Path | None, _flag("--accessor", "Its accessor or exposure file (with --base)")] = None,
     device: Annotated[str | None, _option(VerifyOptions, "device")] = None,
+    dry_run: DryRunOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Check a checkpoint against its kvw_manifest.json; with --base and --accessor, recompute the edit."""
     from kvwctl.source import ModelSpec
-    from kvwctl.verify import run_verify
+    from kvwctl.verify import execute_verify, plan_verify
 
     if (base is None) != (accessor_path is None) or (revision is not None and base is None):
         raise UsageError("--base and --accessor go together (and --revision needs --base)")
     options = fill(VerifyOptions, {"device": device})
     spec = ModelSpec(base, revision) if base is not None else None
+    plan = plan_verify(checkpoint_dir, options, base=spec, accessor=accessor_path)
+    if dry_run:
+        return _dry_run(plan, json_output)
     with console.progress_tracker() as tracker:
-        result = run_verify(checkpoint_dir, options, base=spec, accessor=accessor_path, tracker=tracker)
+        result = execute_verify(plan, tracker=tracker)
     console.info("Verified: " + "; ".join(result.checks))
     _emit(result.path, result.to_json(), json_output)
 

@@ -116,7 +116,7 @@ def check_replaceable(out: Path) -> None:
     kvwctl replaces only its own outputs: a checkpoint directory with a ``kvw_manifest.json`` whose
     ``tool`` is ``kvwctl``, a stage file (safetensors) or report (JSON) whose ``format`` starts with
     ``kvwctl.``, eval's per-sample JSON Lines file (its first record has ``role``, ``split``, ``id``
-    and ``generation``), or an empty file or directory (nothing is lost). A user's folder or file
+    and ``generation``, or ``"redacted": true`` instead of ``generation``), or an empty file or directory (nothing is lost). A user's folder or file
     at the output path is never deleted.
     """
     if out.is_symlink():
@@ -152,8 +152,10 @@ def _written_by_kvwctl(out: Path) -> bool:
             return True
     if str(json_object(head).get("format", "")).startswith("kvwctl."):  # a report
         return True
-    first_record = json_object(head.split(b"\n", 1)[0])  # eval's per-sample JSON Lines
-    return {"role", "split", "id", "generation"} <= first_record.keys()
+    first_record = json_object(head.split(b"\n", 1)[0])  # eval's per-sample JSON Lines (or redacted)
+    return {"role", "split", "id", "generation"} <= first_record.keys() or (
+        {"role", "split", "id"} <= first_record.keys() and first_record.get("redacted") is True
+    )
 
 
 _TAGGED_FILE_LIMIT = 64 << 20  # headers and reports are far smaller; a longer file is not read whole
