@@ -68,7 +68,12 @@ def report_json(*, keyword_forget: float = 0.25) -> dict[str, Any]:
         "format": "kvwctl.eval/2",
         "tool_version": "0.1.0",
         "models": {
-            "model": {"reference": "/runs/kvw-run/unlearned", "revision": None, "fingerprint": "a", "model_type": "qwen2"},
+            "model": {
+                "reference": "/runs/kvw-run/unlearned",
+                "revision": None,
+                "fingerprint": "a",
+                "model_type": "qwen2",
+            },
             "baseline": {"reference": "org/model", "revision": None, "fingerprint": "b", "model_type": "qwen2"},
         },
         "data": {},
