@@ -26,9 +26,9 @@ What is drawn:
   requirement names), grouped bars per split with one bar per role (model, baseline, reference),
   and every requirement drawn on its split's panel as its threshold, marked pass or FAIL.
 
-**Deterministic bytes.** The same input gives the same PNG: matplotlib's own defaults (not the
-user's matplotlibrc), its bundled DejaVu fonts, the Agg renderer used directly (``FigureCanvasAgg``:
-no pyplot, no interactive backend, no global state), a fixed size and dpi, and PNG metadata
+**Deterministic bytes.** The same input gives the same PNG (with the same matplotlib version): its
+own defaults (not the user's matplotlibrc), its bundled DejaVu fonts, the Agg renderer used directly
+(``FigureCanvasAgg``: no pyplot, no interactive backend, no global state), a fixed size and dpi, and PNG metadata
 without the ``Software`` version string; instead a ``format`` text chunk (``kvwctl.plot/1``)
 marks the file as kvwctl's, so ``--force`` may replace it. matplotlib is an optional extra
 (``pip install 'kvwctl[plot]'``), imported only inside functions: without it ``plot`` is an error
