@@ -33,7 +33,16 @@ from kvwctl import __version__, console
 from kvwctl.config import load_config, parse_named_paths, require
 from kvwctl.console import show_inputs as _show_inputs
 from kvwctl.errors import UsageError, describe, exit_code_for, termination_signals_raise
-from kvwctl.options import AccessorOptions, ApplyOptions, EvalOptions, ProfileOptions, VerifyOptions, fill, help_text
+from kvwctl.options import (
+    AccessorOptions,
+    ApplyOptions,
+    EvalOptions,
+    PlotOptions,
+    ProfileOptions,
+    VerifyOptions,
+    fill,
+    help_text,
+)
 
 if TYPE_CHECKING:
     from kvwctl.plans import Plan
@@ -42,7 +51,7 @@ app = typer.Typer(
     name="kvwctl",
     help="Make a (vision-)language model forget chosen data without training: Knowledge Vector Weakening.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     rich_markup_mode=None,  # help texts contain literal [default: …] brackets, not Rich markup
     pretty_exceptions_show_locals=False,  # locals would be multi-GB tensors
 )
@@ -483,6 +492,29 @@ def push(
         _emit(result.path, result.to_json(), True)
     else:
         typer.echo(result.pr_url or result.commit_url)
+
+
+@command()
+def plot(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="An accessor or exposure file, or eval's report")],
+    out: Annotated[Path | None, _flag("--out", "The PNG to write [default: FILE with .png]")] = None,
+    gamma: Annotated[float | None, _option(PlotOptions, "gamma")] = None,
+    layers: Annotated[str | None, _option(PlotOptions, "layers")] = None,
+    force: ForceOption = False,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Draw a stage file or eval report as a PNG (needs matplotlib: pip install 'kvwctl[plot]')."""
+    from kvwctl.plots import default_out, run_plot
+
+    flags = dict(gamma=gamma, layers=layers)
+    options = fill(PlotOptions, {**flags, "force": force}, load_config(config))
+    given = [name for name, value in flags.items() if value is not None]
+    result = run_plot(file, out or default_out(file), options, given=given)
+    console.info(f"Wrote {result.path} ({result.format})")
+    _emit(result.path, result.summary(), json_output)
 
 
 @app.command()

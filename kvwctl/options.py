@@ -160,6 +160,14 @@ def _dtype_option(help: str) -> Any:
     )
 
 
+def _gamma_option(help: str) -> Any:
+    return option(0.02, help, key="gamma", minimum=0, check=_gamma_problem)
+
+
+def _layers_option(help: str) -> Any:
+    return option(":", help, key="layers", check=_layers_problem, shown_default="all")
+
+
 # --- the stages' options -------------------------------------------------------------------------
 
 
@@ -210,14 +218,8 @@ class ApplyOptions:
     ``batch_size`` and ``dtype`` are used by ``--progressive`` only (one-shot apply runs no model).
     """
 
-    gamma: float = option(0.02, "Weakening strength", key="gamma", minimum=0, check=_gamma_problem)
-    layers: str = option(
-        ":",
-        "Decoder layers, inclusive and 0-based: 2:26, :26, 2:, 0,3,5",
-        key="layers",
-        check=_layers_problem,
-        shown_default="all",
-    )
+    gamma: float = _gamma_option("Weakening strength")
+    layers: str = _layers_option("Decoder layers, inclusive and 0-based: 2:26, :26, 2:, 0,3,5")
     progressive: bool = option(False, "Algorithm 1: re-profile the weakened model after every forget batch.")
     batch_size: int = option(1, "Forget samples per batch, for --progressive", key="forget_batch_size", minimum=1)
     device: str = _device_option()
@@ -268,7 +270,26 @@ class VerifyOptions:
         _validate(self)
 
 
-STAGE_OPTIONS: tuple[type, ...] = (ProfileOptions, AccessorOptions, ApplyOptions, EvalOptions, VerifyOptions)
+@dataclass(frozen=True)
+class PlotOptions:
+    """``kvwctl plot``: a stage file or report as a PNG; ``gamma`` and ``layers`` as apply takes them."""
+
+    gamma: float = _gamma_option("γ of the gate histogram exp(-γ·E), for an accessor")
+    layers: str = _layers_option("Layers of the gate histogram, for an accessor: 2:26, :26, 2:, 0,3,5")
+    force: bool = option(False, "Replace an existing output.")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+STAGE_OPTIONS: tuple[type, ...] = (
+    ProfileOptions,
+    AccessorOptions,
+    ApplyOptions,
+    EvalOptions,
+    VerifyOptions,
+    PlotOptions,
+)
 
 
 # --- help texts and kvw.toml keys ----------------------------------------------------------------
