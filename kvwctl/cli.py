@@ -43,6 +43,7 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+SECRET_ARGUMENTS = frozenset({"token"})  # never written to stderr or --log-file
 
 
 def _flag(flag: str, help: str) -> Any:
@@ -64,8 +65,12 @@ ModelOption = Annotated[str | None, _flag("--model", "Hub id or local checkpoint
 RevisionOption = Annotated[str | None, _flag("--revision", "Hub branch, tag or commit [kvw.toml: revision]")]
 ForceOption = Annotated[bool, _flag("--force", "Replace an existing output.")]
 JsonOption = Annotated[bool, _flag("--json", "Print a JSON summary on stdout instead of the output path.")]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and warnings on stderr.")]
 DebugOption = Annotated[bool, _flag("--debug", "Show tracebacks.")]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Also debug messages: arguments, timings.")]
+LogFileOption = Annotated[
+    Path | None, _flag("--log-file", "Append every message, progress line and library warning to this file.")
+]
 
 
 def command(name: str | None = None) -> Callable[[F], F]:
@@ -83,20 +88,30 @@ def command(name: str | None = None) -> Callable[[F], F]:
 def _register(function: F, *, name: str | None) -> F:
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        console.set_quiet(bool(kwargs.get("quiet")))
-        console.set_library_output(bool(kwargs.get("debug")))
-        try:
-            with termination_signals_raise():
-                return function(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except BaseException as error:
-            code = exit_code_for(error)
-            if code is None or kwargs.get("debug"):
+        flags = dict(
+            quiet=bool(kwargs.get("quiet")), verbose=bool(kwargs.get("verbose")), debug=bool(kwargs.get("debug"))
+        )
+        with console.session(**flags) as session:
+            try:
+                session.open_log(kwargs.get("log_file"))
+                given = ", ".join(
+                    f"{key}={'<hidden>' if key in SECRET_ARGUMENTS else value}"
+                    for key, value in kwargs.items()
+                    if value is not None and value is not False
+                )
+                console.debug(f"kvwctl {name or function.__name__}: {given}")
+                with termination_signals_raise():
+                    return function(*args, **kwargs)
+            except typer.Exit:
                 raise
-            label, message, hint = describe(error)
-            console.error(message, hint=hint, label=label)
-            raise typer.Exit(code) from None
+            except BaseException as error:
+                console.log_traceback(error)
+                code = exit_code_for(error)
+                if code is None or kwargs.get("debug"):
+                    raise
+                label, message, hint = describe(error)
+                console.error(message, hint=hint, label=label)
+                raise typer.Exit(code) from None
 
     app.command(name=name)(wrapper)
     return function
@@ -143,6 +158,8 @@ def profile(
     config: ConfigOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Knowledge coefficients of a data split: mean |input| of every down projection."""
@@ -183,6 +200,8 @@ def accessor(
     config: ConfigOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Forget exposure E = sum over forget batches of max(0, log C_f - log C_r)."""
@@ -233,6 +252,8 @@ def apply(
     config: ConfigOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Write a new checkpoint with knowledge vectors scaled by exp(-gamma * E)."""
@@ -316,6 +337,8 @@ def evaluate(
     config: ConfigOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Generation and likelihood metrics of a model (and a baseline) on data splits, with requirements."""
@@ -364,6 +387,8 @@ def verify(
     device: Annotated[str | None, _option(VerifyOptions, "device")] = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Check a checkpoint against its kvw_manifest.json; with --base and --accessor, recompute the edit."""
@@ -387,6 +412,8 @@ def card(
     force: Annotated[bool, _flag("--force", "Replace a README.md that kvwctl did not write.")] = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
     debug: DebugOption = False,
 ) -> None:
     """(Re)write DIR/README.md, the model card, from kvw_manifest.json and optionally an eval report."""
@@ -409,6 +436,8 @@ def push(
     token: Annotated[str | None, _flag("--token", "Hub token [default: HF_TOKEN or the saved login]")] = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Upload a checkpoint (checked as verify DIR checks it) to the Hugging Face Hub."""

@@ -37,7 +37,6 @@ from kvwctl.artifacts import (
 )
 from kvwctl.card import attach_report, base_license
 from kvwctl.checkpoint import open_checkpoint
-from kvwctl.console import NullTracker, Tracker
 from kvwctl.data import load_samples
 from kvwctl.errors import ArtifactError, ModelError
 from kvwctl.files import committed_together, file_sha256
@@ -53,6 +52,7 @@ from kvwctl.method import (
 )
 from kvwctl.options import ApplyOptions
 from kvwctl.outputs import check_outputs
+from kvwctl.progress import NullTracker, Tracker
 from kvwctl.source import ModelSpec, resolve_model
 
 
@@ -100,7 +100,8 @@ def run_progressive(
 
     torch_device = select_device(options.device)
     torch_dtype = select_dtype(options.dtype, torch_device, checkpoint.config)
-    loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
+    with tracker.status(f"Loading {model.reference}"):
+        loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
     rendered = render_all(loaded.renderer, samples)
     retain_by_layer = [coefficient.to(torch_device) for coefficient in retain_coefficients(retain)]
     modules = loaded.down_projections
@@ -110,7 +111,8 @@ def run_progressive(
     axis = checkpoint.architecture.vector_axis
     batches = batch_ranges(len(rendered), batch_size)
     with CoefficientCollector(modules) as collector:
-        for batch in tracker.track(batches, total=len(batches), description="progressive"):
+        progress = tracker.track(batches, total=len(rendered), description="progressive", unit="samples", size=len)
+        for batch in progress:
             encoded = encode_batch(loaded, rendered[batch.start : batch.stop], positions=positions)
             sums, counts = collector.run(loaded, encoded)
             for layer, layer_sums in enumerate(sums):
