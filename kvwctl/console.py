@@ -167,6 +167,10 @@ class Session:
         self._show_libraries = (verbose or debug) and not quiet
         self._warnings_on_stderr = not quiet
         self._saved: dict[str, tuple[list[logging.Handler], bool, int]] = {}
+        # huggingface_hub installs its own stderr handler when imported (a cheap import): do it
+        # now, so that the handler is replaced below rather than appear in the middle of the command.
+        import huggingface_hub.utils.logging  # noqa: F401
+
         for name in ("kvwctl", WARNINGS_LOGGER, *LIBRARY_LOGGERS):
             logger = logging.getLogger(name)
             self._saved[name] = (list(logger.handlers), logger.propagate, logger.level)

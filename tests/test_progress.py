@@ -295,7 +295,7 @@ def test_on_a_terminal_bars_show_and_the_log_file_gets_plain_lines_only(
 
 
 @pytest.fixture
-def stage_that_warns(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def stage_that_warns(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, list[str]]]:
     """``profile``'s stage replaced by one that warns (Python and transformers) and fails at once."""
 
     def run_profile(*args: Any, **kwargs: Any) -> None:
@@ -303,11 +303,15 @@ def stage_that_warns(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
             warnings.simplefilter("always")  # shown every time, not once per place
             warnings.warn("a python warning", UserWarning, stacklevel=1)
         logging.getLogger("transformers.modeling_utils").warning("a transformers warning")
+        logging.getLogger("huggingface_hub.file_download").warning("a hub warning")
+        for name in ("transformers", "huggingface_hub", "py.warnings"):  # only kvwctl's handlers, none of theirs
+            handlers_during[name] = sorted(type(handler).__name__ for handler in logging.getLogger(name).handlers)
         raise KvwError("the stage stopped here", hint="a hint for the log")
 
+    handlers_during: dict[str, list[str]] = {}
     monkeypatch.setattr("kvwctl.profile.run_profile", run_profile)
     before = {name: list(logging.getLogger(name).handlers) for name in ("kvwctl", "transformers", "py.warnings")}
-    yield
+    yield handlers_during
     # The command's handlers are gone afterwards, the libraries' own are back.
     assert {name: list(logging.getLogger(name).handlers) for name in before} == before
     assert warnings.showwarning.__module__ != "logging"
@@ -316,16 +320,24 @@ def stage_that_warns(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 ARGS = ("profile", "--model", "m", "--data", "d.jsonl", "--split", "retain", "--out", "o.safetensors")
 
 
-@pytest.mark.usefixtures("stage_that_warns")
-def test_library_warnings_go_to_the_log_file_and_transformers_to_stderr_only_with_verbose(tmp_path: Path) -> None:
+def test_library_warnings_go_to_the_log_file_and_transformers_to_stderr_only_with_verbose(
+    stage_that_warns: dict[str, list[str]], tmp_path: Path
+) -> None:
     log = tmp_path / "kvw.log"
     result = invoke(*ARGS, "--log-file", log)
     expect_error(result, "the stage stopped here")
+    assert stage_that_warns == {
+        "transformers": ["FileHandler"],
+        "huggingface_hub": ["FileHandler"],
+        "py.warnings": ["FileHandler", "StderrHandler"],
+    }
     assert "a python warning" in result.stderr and "a transformers warning" not in result.stderr
+    assert "a hub warning" not in result.stderr
     assert "Traceback" not in result.stderr
     text = log.read_text()
     assert re.search(r" WARNING py\.warnings: .*UserWarning: a python warning", text)
     assert " WARNING transformers.modeling_utils: a transformers warning\n" in text
+    assert " WARNING huggingface_hub.file_download: a hub warning\n" in text
     assert " ERROR kvwctl: Error: the stage stopped here\nHint: a hint for the log\n" in text
     assert "Traceback (most recent call last)" in text and "KvwError: the stage stopped here" in text
 
