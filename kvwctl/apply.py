@@ -32,7 +32,6 @@ from kvwctl import __version__
 from kvwctl.artifacts import ACCESSOR_FORMAT, Artifact, check_fits_model, read_artifact
 from kvwctl.card import CARD_FILE, AttachedReport, attach_report, base_license, write_card
 from kvwctl.checkpoint import MANIFEST_FORMAT, Checkpoint, carry_over_files, copy_patched_shard, open_checkpoint
-from kvwctl.console import NullTracker, Tracker
 from kvwctl.errors import ArtifactError, ModelError
 from kvwctl.files import StagedOutputs, committed_together, file_sha256, now, write_json_atomically
 from kvwctl.headers import read_json_object
@@ -40,6 +39,7 @@ from kvwctl.method import check_gamma, gates, parse_layers, scale_vectors, tenso
 from kvwctl.options import ApplyOptions
 from kvwctl.outputs import MANIFEST_FILE, check_outputs, inside
 from kvwctl.plans import checkpoint_facts, output_facts
+from kvwctl.progress import NullTracker, Tracker
 from kvwctl.redact import Redactor
 from kvwctl.source import ModelSpec, resolve_model
 
@@ -187,7 +187,7 @@ def write_weakened_checkpoint(
             outputs = stack.enter_context(committed_together())
         staging = outputs.directory(out, force=force)
         left_out = carry_over_files(checkpoint, staging, skip={MANIFEST_FILE, CARD_FILE})
-        for shard in tracker.track(checkpoint.shards, total=len(checkpoint.shards), description="apply"):
+        for shard in tracker.track(checkpoint.shards, total=len(checkpoint.shards), description="apply", unit="shards"):
             patches: dict[tuple[int, int], bytes] = {}
             shard_edits = [projection for projection in edits.values() if projection.shard == shard]
             if shard_edits:

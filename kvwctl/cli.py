@@ -57,6 +57,7 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+SECRET_ARGUMENTS = frozenset({"token"})  # never written to stderr or --log-file
 
 
 def _flag(flag: str, help: str) -> Any:
@@ -78,11 +79,15 @@ ModelOption = Annotated[str | None, _flag("--model", "Hub id or local checkpoint
 RevisionOption = Annotated[str | None, _flag("--revision", "Hub branch, tag or commit [kvw.toml: revision]")]
 ForceOption = Annotated[bool, _flag("--force", "Replace an existing output.")]
 JsonOption = Annotated[bool, _flag("--json", "Print a JSON summary on stdout instead of the output path.")]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and warnings on stderr.")]
 DebugOption = Annotated[bool, _flag("--debug", "Show tracebacks.")]
 DryRunOption = Annotated[
     bool,
     _flag("--dry-run", "Resolve and check the inputs, print the plan (--json: on stdout) and exit: no model work."),
+]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Also debug messages: arguments, timings.")]
+LogFileOption = Annotated[
+    Path | None, _flag("--log-file", "Append every message, progress line and library warning to this file.")
 ]
 RedactOption = Annotated[
     bool | None,
@@ -109,20 +114,30 @@ def command(name: str | None = None) -> Callable[[F], F]:
 def _register(function: F, *, name: str | None) -> F:
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        console.set_quiet(bool(kwargs.get("quiet")))
-        console.set_library_output(bool(kwargs.get("debug")))
-        try:
-            with termination_signals_raise():
-                return function(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except BaseException as error:
-            code = exit_code_for(error)
-            if code is None or kwargs.get("debug"):
+        flags = dict(
+            quiet=bool(kwargs.get("quiet")), verbose=bool(kwargs.get("verbose")), debug=bool(kwargs.get("debug"))
+        )
+        with console.session(**flags) as session:
+            try:
+                session.open_log(kwargs.get("log_file"))
+                given = ", ".join(
+                    f"{key}={'<hidden>' if key in SECRET_ARGUMENTS else value}"
+                    for key, value in kwargs.items()
+                    if value is not None and value is not False
+                )
+                console.debug(f"kvwctl {name or function.__name__}: {given}")
+                with termination_signals_raise():
+                    return function(*args, **kwargs)
+            except typer.Exit:
                 raise
-            label, message, hint = describe(error)
-            console.error(message, hint=hint, label=label)
-            raise typer.Exit(code) from None
+            except BaseException as error:
+                console.log_traceback(error)
+                code = exit_code_for(error)
+                if code is None or kwargs.get("debug"):
+                    raise
+                label, message, hint = describe(error)
+                console.error(message, hint=hint, label=label)
+                raise typer.Exit(code) from None
 
     app.command(name=name)(wrapper)
     return function
@@ -182,6 +197,8 @@ def profile(
     config: ConfigOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Knowledge coefficients of a data split: mean |input| of every down projection."""
@@ -228,6 +245,8 @@ def accessor(
     config: ConfigOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Forget exposure E = sum over forget batches of max(0, log C_f - log C_r)."""
@@ -284,6 +303,8 @@ def apply(
     config: ConfigOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Write a new checkpoint with knowledge vectors scaled by exp(-gamma * E)."""
@@ -372,6 +393,8 @@ def evaluate(
     config: ConfigOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Generation and likelihood metrics of a model (and a baseline) on data splits, with requirements."""
@@ -425,6 +448,8 @@ def verify(
     dry_run: DryRunOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Check a checkpoint against its kvw_manifest.json; with --base and --accessor, recompute the edit."""
@@ -451,6 +476,8 @@ def card(
     force: Annotated[bool, _flag("--force", "Replace a README.md that kvwctl did not write.")] = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
     debug: DebugOption = False,
 ) -> None:
     """(Re)write DIR/README.md, the model card, from kvw_manifest.json and optionally an eval report."""
@@ -473,6 +500,8 @@ def push(
     token: Annotated[str | None, _flag("--token", "Hub token [default: HF_TOKEN or the saved login]")] = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Upload a checkpoint (checked as verify DIR checks it) to the Hugging Face Hub."""
@@ -504,6 +533,8 @@ def plot(
     config: ConfigOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Draw a stage file or eval report as a PNG (needs matplotlib: pip install 'kvwctl[plot]')."""

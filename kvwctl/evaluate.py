@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvwctl.checkpoint import Checkpoint, open_checkpoint
-from kvwctl.console import NullTracker, Tracker
 from kvwctl.conversation import ChatRenderer, RenderedSample
 from kvwctl.data import Sample, load_samples
 from kvwctl.errors import DataError, KvwError, UsageError
@@ -48,6 +47,7 @@ from kvwctl.modeling import LoadedModel, encode_batch, encode_prompts, load_mode
 from kvwctl.options import EvalOptions
 from kvwctl.outputs import check_outputs
 from kvwctl.plans import batch_count, checkpoint_facts, data_facts, output_facts
+from kvwctl.progress import NullTracker, Tracker
 from kvwctl.redact import Redactor
 from kvwctl.report import EvalReport, EvalSettings, ModelInfo, SplitInfo
 from kvwctl.requirements import (
@@ -134,7 +134,7 @@ def generate_answers(
     prompts = [renderer.render_prompt(sample) for sample in samples]
     generations: list[str] = []
     batches = _batches(prompts, batch_size)
-    for batch in tracker.track(batches, total=len(batches), description=description):
+    for batch in tracker.track(batches, total=len(prompts), description=description, unit="samples", size=len):
         inputs = encode_prompts(loaded, list(batch))
         with torch.inference_mode():
             output = loaded.model.generate(
@@ -163,7 +163,8 @@ def score_conversations(
 
     scores: list[float] = []
     batches = _batches(rendered, batch_size)
-    for batch in tracker.track(batches, total=len(batches), description=description):
+    progress = tracker.track(batches, total=len(rendered), description=description, unit="answers", size=len)
+    for batch in progress:
         encoded = encode_batch(loaded, list(batch), positions="answer")
         mask = encoded.position_mask  # (batch, sequence): positions that predict an answer token
         input_ids = encoded.inputs["input_ids"]  # (batch, sequence)
@@ -206,7 +207,10 @@ def evaluate_split(
     batch_size: int,
     tracker: Tracker,
 ) -> list[SampleResult]:
-    """Generations, answer log-probabilities and multiple-choice picks for every sample of a split."""
+    """Generations, answer log-probabilities and multiple-choice picks for every sample of a split.
+
+    ``role`` names the model in the progress descriptions (``model 2/3 (baseline)``).
+    """
     split, candidates, rendered = prepared.split, prepared.candidates, prepared.conversations
     generations = generate_answers(
         loaded,
@@ -382,16 +386,18 @@ def execute_eval(plan: EvalPlan, *, tracker: Tracker | None = None) -> EvalResul
     roles = list(plan.checkpoints)
     model_info: dict[str, ModelInfo] = {}
     per_sample: dict[str, dict[str, list[SampleResult]]] = {}
-    for role in roles:
+    for index, role in enumerate(roles, start=1):
         checkpoint = plan.checkpoints[role]
+        label = f"model {index}/{len(roles)} ({role})"
         torch_dtype = select_dtype(dtype, torch_device, checkpoint.config)
         model_info[role] = _describe_model(checkpoint, torch_dtype)
         torch.manual_seed(SEED)
-        loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
+        with tracker.status(f"{label}: loading {checkpoint.source.reference}"):
+            loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
         prepared = [render_split(loaded.renderer, split) for split in evaluated]  # data errors first
         per_sample[role] = {
             rendered.split.name: evaluate_split(
-                loaded, rendered, role=role, max_new_tokens=max_new_tokens, batch_size=batch_size, tracker=tracker
+                loaded, rendered, role=label, max_new_tokens=max_new_tokens, batch_size=batch_size, tracker=tracker
             )
             for rendered in prepared
         }

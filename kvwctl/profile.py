@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from kvwctl.artifacts import PROFILE_FORMAT, model_metadata, write_artifact
 from kvwctl.checkpoint import Checkpoint, open_checkpoint
-from kvwctl.console import NullTracker, Tracker
 from kvwctl.conversation import RenderedSample
 from kvwctl.data import Sample, load_samples
 from kvwctl.files import file_sha256
@@ -42,6 +41,7 @@ from kvwctl.modeling import (
 from kvwctl.options import ProfileOptions
 from kvwctl.outputs import check_outputs
 from kvwctl.plans import batch_count, checkpoint_facts, data_facts, output_facts
+from kvwctl.progress import NullTracker, Tracker
 from kvwctl.redact import Redactor
 from kvwctl.source import ModelSpec, resolve_model
 
@@ -85,7 +85,7 @@ def collect_sums(
     counts: list[torch.Tensor] = []
     batches = [rendered[start : start + batch_size] for start in range(0, len(rendered), batch_size)]
     with CoefficientCollector(loaded.down_projections) as collector:
-        for batch in tracker.track(batches, total=len(batches), description=description):
+        for batch in tracker.track(batches, total=len(rendered), description=description, unit="samples", size=len):
             sums, batch_counts = collector.run(loaded, encode_batch(loaded, batch, positions=positions))
             for layer, layer_batch in enumerate(sums):
                 layer_sums[layer].append(layer_batch)
@@ -166,7 +166,8 @@ def execute_profile(plan: ProfilePlan, *, tracker: Tracker | None = None) -> Pro
     fingerprint = checkpoint.fingerprint()
     torch_device = torch.device(plan.device)
     torch_dtype = getattr(torch, plan.dtype)
-    loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
+    with tracker.status(f"Loading {plan.model.reference}"):
+        loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
     rendered = render_all(loaded.renderer, samples)
 
     sums, counts = collect_sums(

@@ -41,7 +41,6 @@ from kvwctl.artifacts import (
 )
 from kvwctl.card import AttachedReport, attach_report, base_license
 from kvwctl.checkpoint import Checkpoint, open_checkpoint
-from kvwctl.console import NullTracker, Tracker
 from kvwctl.data import Sample, load_samples
 from kvwctl.errors import ArtifactError, ModelError
 from kvwctl.files import committed_together, file_sha256
@@ -58,6 +57,7 @@ from kvwctl.method import (
 from kvwctl.options import ApplyOptions
 from kvwctl.outputs import check_outputs
 from kvwctl.plans import batch_count, checkpoint_facts, data_facts, output_facts
+from kvwctl.progress import NullTracker, Tracker
 from kvwctl.redact import Redactor
 from kvwctl.source import ModelSpec, resolve_model
 
@@ -200,7 +200,8 @@ def execute_progressive(plan: ProgressivePlan, *, tracker: Tracker | None = None
 
     torch_device = torch.device(plan.device)
     torch_dtype = getattr(torch, plan.dtype)
-    loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
+    with tracker.status(f"Loading {plan.model.reference}"):
+        loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
     rendered = render_all(loaded.renderer, samples)
     retain_by_layer = [coefficient.to(torch_device) for coefficient in retain_coefficients(retain)]
     modules = loaded.down_projections
@@ -210,7 +211,8 @@ def execute_progressive(plan: ProgressivePlan, *, tracker: Tracker | None = None
     axis = checkpoint.architecture.vector_axis
     batches = batch_ranges(len(rendered), batch_size)
     with CoefficientCollector(modules) as collector:
-        for batch in tracker.track(batches, total=len(batches), description="progressive"):
+        progress = tracker.track(batches, total=len(rendered), description="progressive", unit="samples", size=len)
+        for batch in progress:
             encoded = encode_batch(loaded, rendered[batch.start : batch.stop], positions=positions)
             sums, counts = collector.run(loaded, encoded)
             for layer, layer_sums in enumerate(sums):

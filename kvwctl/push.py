@@ -24,9 +24,9 @@ from typing import Any
 
 from kvwctl import __version__
 from kvwctl.card import CARD_FILE, is_kvwctl_card
-from kvwctl.console import NullTracker, Tracker
 from kvwctl.errors import KvwError, UsageError
 from kvwctl.options import VerifyOptions
+from kvwctl.progress import NullTracker, Tracker
 
 DEFAULT_BRANCH = "main"
 # kvwctl skips hidden entries when it reads a checkpoint; they are not uploaded either.

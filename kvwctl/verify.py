@@ -56,13 +56,13 @@ from kvwctl import __version__
 from kvwctl.artifacts import ACCESSOR_FORMAT, check_fits_model, read_artifact
 from kvwctl.card import CARD_FILE
 from kvwctl.checkpoint import FOREIGN_WEIGHT_SUFFIXES, MANIFEST_FILE, MANIFEST_FORMAT, Checkpoint, open_checkpoint
-from kvwctl.console import NullTracker, Tracker
 from kvwctl.errors import ArtifactError, UsageError, VerificationError
 from kvwctl.files import file_sha256
 from kvwctl.method import gates, scale_vectors
 from kvwctl.options import VerifyOptions
 from kvwctl.outputs import is_plain_relative
 from kvwctl.plans import checkpoint_facts
+from kvwctl.progress import NullTracker, Tracker
 from kvwctl.source import ModelSource, ModelSpec, resolve_model
 
 if TYPE_CHECKING:
@@ -280,7 +280,7 @@ def execute_verify(plan: VerifyPlan, *, tracker: Tracker | None = None) -> Verif
         # Nothing below reads a recorded path or id: inputs are matched by sha256 and fingerprint.
         checks.append("redacted manifest: input paths are keyed hashes (not used by any check)")
     shards: dict[str, str] = manifest["shards"]
-    for name, digest in tracker.track(shards.items(), total=len(shards), description="hash shards"):
+    for name, digest in tracker.track(shards.items(), total=len(shards), description="hash shards", unit="shards"):
         found = file_sha256(checkpoint_dir / name)
         if found != digest:
             raise VerificationError(f"shard {name}: sha256 {found}, {MANIFEST_FILE} says {digest}")
@@ -397,7 +397,7 @@ def _verify_edit(
                 f"the base has {checkpoint.num_vectors(layer)} knowledge vectors"
             )
     compared, recomputed_gates = 0, {}  # every edited layer's gates, for the statistics
-    for shard in tracker.track(output.shards, total=len(output.shards), description="compare tensors"):
+    for shard in tracker.track(output.shards, total=len(output.shards), description="compare tensors", unit="shards"):
         with (
             safe_open(str(output.path / shard), framework="pt") as actual,
             safe_open(str(checkpoint.path / shard), framework="pt") as original,
