@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on tiny random LLaVA-1.5 and Qwen2-VL checkpoints built offline:
-# profile (retain, forget) -> accessor -> apply (one-shot and progressive) -> load -> generate.
+# profile (retain, forget) -> accessor -> apply (one-shot and progressive) -> eval -> load -> generate,
+# and, where matplotlib is installed (pip install 'kvwctl[plot]'), the accessor and eval report as PNGs.
 #
 #   bash examples/tiny_demo.sh [WORKDIR]        # default: ./tiny-demo (replaced on every run)
 #
@@ -56,6 +57,12 @@ TOML
       printf '%s generates: ' "$checkpoint" >&2
       python "$here/generate.py" "$checkpoint" "Who is this person?" --image ../data/images/p0.png >&2
     done
+    # kvw-run/unlearned against kvw.toml's model on both splits -> kvw-run/eval.json (+ .samples.jsonl)
+    kvwctl eval --max-new-tokens 8
+    if python -c 'import matplotlib' 2>/dev/null; then
+      kvwctl plot kvw-run/accessor.safetensors   # -> kvw-run/accessor.png (gamma and layers from kvw.toml)
+      kvwctl plot kvw-run/eval.json              # -> kvw-run/eval.png
+    fi
   )
 done
 echo "tiny demo finished: $work" >&2

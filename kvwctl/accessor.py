@@ -13,6 +13,8 @@ the whole retain set:
 ``apply`` then scales vector ``i`` by ``exp(-gamma * E_i)``. The file stores ``layers.N.exposure``
 (m,) float32 and, with ``--save-batches``, ``layers.N.batch_accessor`` (batches, m).
 The math is in :mod:`kvwctl.method`; this module reads the profiles and writes the file.
+With ``redact`` the metadata's ``sample_ids`` and profile paths are keyed hashes (``kvwctl.redact``);
+the ids of a redacted forget profile are hashes already and are copied as they are.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from kvwctl.files import file_sha256
 from kvwctl.method import LayerSummary, batch_accessors, batch_ranges, exposure, summarize_exposures
 from kvwctl.options import AccessorOptions
 from kvwctl.outputs import check_outputs
+from kvwctl.plans import output_facts
+from kvwctl.redact import Redactor
 
 
 @dataclass(frozen=True)
@@ -72,21 +76,44 @@ def load_profiles(forget_path: Path, retain_path: Path) -> tuple[Artifact, Artif
     return forget, retain
 
 
-def run_accessor(
-    forget_profile: Path,
-    retain_profile: Path,
-    out: Path,
-    options: AccessorOptions,
-) -> AccessorResult:
-    """Exposure of every knowledge vector from two profiles, written to ``out``."""
-    batch_size, save_batches = options.batch_size, options.save_batches
+@dataclass(frozen=True)
+class AccessorPlan:
+    """An accessor run resolved and checked: both profiles read and matched, the batches, the output."""
+
+    forget: Artifact
+    retain: Artifact
+    batches: list[range]
+    out: Path
+    options: AccessorOptions
+    command: str = "accessor"
+
+    def facts(self) -> dict[str, Any]:
+        """What a dry run prints (``kvwctl.plans``)."""
+
+        def profile(artifact: Artifact) -> dict[str, Any]:
+            keys = ("model", "model_revision", "model_fingerprint", "model_type", "positions", "num_samples")
+            return {"path": str(artifact.path), **{key: artifact.metadata.get(key) for key in keys}}
+
+        return {
+            "command": self.command,
+            "forget_profile": profile(self.forget),
+            "retain_profile": profile(self.retain),
+            "layers": list(range(self.forget.num_layers)),
+            "settings": {
+                "batch_size": self.options.batch_size,
+                "batches": len(self.batches),
+                "save_batches": self.options.save_batches,
+                "redact": self.options.redact,
+            },
+            "outputs": [output_facts(self.out, "accessor", force=self.options.force)],
+        }
+
+
+def plan_accessor(forget_profile: Path, retain_profile: Path, out: Path, options: AccessorOptions) -> AccessorPlan:
+    """Every check ``run_accessor`` makes before computing: the output, both profiles, their layers."""
     check_outputs(files=[out], inputs=[forget_profile, retain_profile], force=options.force)
     forget, retain = load_profiles(forget_profile, retain_profile)
-    counts = forget.tensors["count"]  # (samples,)
-    batches = batch_ranges(counts.numel(), batch_size)
     retain_by_layer = retain_coefficients(retain)
-    tensors = {}
-    exposures = []
     for layer in range(forget.num_layers):
         sums = forget.layer_tensor(layer, "sum")  # (samples, m)
         if sums.shape[1:] != retain_by_layer[layer].shape:
@@ -94,23 +121,51 @@ def run_accessor(
                 f"layer {layer}: {forget.path} has {sums.shape[1]} vectors, {retain.path} has "
                 f"{retain_by_layer[layer].shape[0]}"
             )
+    batches = batch_ranges(forget.tensors["count"].numel(), options.batch_size)
+    return AccessorPlan(forget=forget, retain=retain, batches=batches, out=out, options=options)
+
+
+def run_accessor(
+    forget_profile: Path,
+    retain_profile: Path,
+    out: Path,
+    options: AccessorOptions,
+) -> AccessorResult:
+    """Exposure of every knowledge vector from two profiles, written to ``out``."""
+    return execute_accessor(plan_accessor(forget_profile, retain_profile, out, options))
+
+
+def execute_accessor(plan: AccessorPlan) -> AccessorResult:
+    """The work of a planned accessor run: every batch's accessor, the exposure, the file."""
+    forget, retain, batches, options = plan.forget, plan.retain, plan.batches, plan.options
+    redactor = Redactor.create(enabled=options.redact)
+    counts = forget.tensors["count"]  # (samples,)
+    retain_by_layer = retain_coefficients(retain)
+    tensors = {}
+    exposures = []
+    for layer in range(forget.num_layers):
+        sums = forget.layer_tensor(layer, "sum")  # (samples, m)
         accessors = batch_accessors(sums, counts, retain_by_layer[layer], batches)  # (batches, m) float64
         layer_exposure = exposure(accessors)  # (m,) float32
         exposures.append(layer_exposure)
         tensors[f"layers.{layer}.exposure"] = layer_exposure
-        if save_batches:
+        if options.save_batches:
             tensors[f"layers.{layer}.batch_accessor"] = accessors.float()
+    sample_ids = forget.metadata.get("sample_ids", "[]")
+    if forget.metadata.get("redacted") != "true":  # a redacted profile's ids are hashes already
+        sample_ids = redactor.id_list(sample_ids)
     metadata = exposure_metadata(
         forget,
         mode="one-shot",
         batches=batches,
-        sample_ids=forget.metadata.get("sample_ids", "[]"),
-        forget_profile=str(forget_profile),
-        forget_profile_sha256=file_sha256(forget_profile),
-        retain_profile=str(retain_profile),
-        retain_profile_sha256=file_sha256(retain_profile),
+        sample_ids=sample_ids,
+        forget_profile=redactor.text(str(forget.path)),
+        forget_profile_sha256=file_sha256(forget.path),
+        retain_profile=redactor.text(str(retain.path)),
+        retain_profile_sha256=file_sha256(retain.path),
+        **redactor.metadata(),
     )
-    write_artifact(out, tensors, metadata)
+    write_artifact(plan.out, tensors, metadata)
     return AccessorResult(
-        path=out, num_batches=len(batches), batch_size=batch_size, layers=summarize_exposures(exposures)
+        path=plan.out, num_batches=len(batches), batch_size=options.batch_size, layers=summarize_exposures(exposures)
     )

@@ -15,27 +15,32 @@ weight and rounded once to the stored dtype. The directory is staged beside ``--
 into place at the end, with ``kvw_manifest.json`` recording how it was made: with the sha256 of
 every input and output shard, the package versions and the device, ``kvwctl verify`` can check the
 checkpoint later and recompute the edit (:mod:`kvwctl.verify`). Paths in the manifest are relative
-to its directory when they lie under it, else recorded as given (:func:`recorded_path`).
+to its directory when they lie under it, else recorded as given (:func:`recorded_path`); with
+``redact`` they are keyed hashes and the manifest says ``"redacted": true`` (``kvwctl.redact``).
+``plan_apply`` makes every check before a weight is read (``kvwctl.plans``, ``--dry-run``).
 """
 
 from __future__ import annotations
 
 import hashlib
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvwctl import __version__
-from kvwctl.artifacts import ACCESSOR_FORMAT, check_fits_model, read_artifact
+from kvwctl.artifacts import ACCESSOR_FORMAT, Artifact, check_fits_model, read_artifact
+from kvwctl.card import CARD_FILE, AttachedReport, attach_report, base_license, write_card
 from kvwctl.checkpoint import MANIFEST_FORMAT, Checkpoint, carry_over_files, copy_patched_shard, open_checkpoint
-from kvwctl.console import NullTracker, Tracker
 from kvwctl.errors import ArtifactError, ModelError
 from kvwctl.files import StagedOutputs, committed_together, file_sha256, now, write_json_atomically
 from kvwctl.headers import read_json_object
 from kvwctl.method import check_gamma, gates, parse_layers, scale_vectors, tensor_bytes
 from kvwctl.options import ApplyOptions
 from kvwctl.outputs import MANIFEST_FILE, check_outputs, inside
+from kvwctl.plans import checkpoint_facts, output_facts
+from kvwctl.progress import NullTracker, Tracker
+from kvwctl.redact import Redactor
 from kvwctl.source import ModelSpec, resolve_model
 
 if TYPE_CHECKING:
@@ -102,6 +107,7 @@ class Manifest:
     not_carried_over: list[str]
     output_fingerprint: str
     previous_manifest: dict[str, Any] | None  # the input checkpoint's own manifest, if it had one
+    redaction: dict[str, Any] = field(default_factory=dict)  # {"redacted": true, "redaction": scheme} or {}
 
     @property
     def mode(self) -> str:
@@ -128,6 +134,7 @@ class Manifest:
             "not_carried_over": self.not_carried_over,
             "output_fingerprint": self.output_fingerprint,
             "previous_manifest": self.previous_manifest,
+            **self.redaction,
         }
 
 
@@ -150,18 +157,24 @@ def write_weakened_checkpoint(
     provenance: dict[str, Any],
     tracker: Tracker,
     outputs: StagedOutputs | None = None,
+    attached: AttachedReport | None = None,
+    redaction: dict[str, Any] | None = None,
 ) -> ApplyResult:
     """Stream the input shards one at a time, weaken the chosen layers, write ``out`` atomically.
 
     Refuses, before writing anything, a ``gamma`` for which ``gamma * E`` overflows float32, and
     refuses the whole checkpoint if an edited weight has a NaN or an infinity. With ``outputs``
     the checkpoint is staged there and renamed into place when the caller's
-    ``committed_together`` block ends, together with the other outputs staged in it.
+    ``committed_together`` block ends, together with the other outputs staged in it. The base's
+    ``README.md`` is not copied: the checkpoint gets its own card (:mod:`kvwctl.card`), keeping
+    the base card's license fields, with ``attached``'s results if given.
+    ``redaction`` (``Redactor.record()``) goes in the manifest: the caller has hashed the paths.
     """
     import torch
     from safetensors import safe_open
 
     check_gamma(gamma, exposures, layers)
+    license = base_license(checkpoint.path)
     axis = checkpoint.architecture.vector_axis
     edits = {layer: checkpoint.down_projections[layer] for layer in layers}
     layer_edits: dict[int, LayerEdit] = {}
@@ -173,8 +186,8 @@ def write_weakened_checkpoint(
         if outputs is None:
             outputs = stack.enter_context(committed_together())
         staging = outputs.directory(out, force=force)
-        left_out = carry_over_files(checkpoint, staging, skip={MANIFEST_FILE})
-        for shard in tracker.track(checkpoint.shards, total=len(checkpoint.shards), description="apply"):
+        left_out = carry_over_files(checkpoint, staging, skip={MANIFEST_FILE, CARD_FILE})
+        for shard in tracker.track(checkpoint.shards, total=len(checkpoint.shards), description="apply", unit="shards"):
             patches: dict[tuple[int, int], bytes] = {}
             shard_edits = [projection for projection in edits.values() if projection.shard == shard]
             if shard_edits:
@@ -227,36 +240,80 @@ def write_weakened_checkpoint(
             # Same config and headers as the input, so the same tensors; only edited bytes differ.
             output_fingerprint=checkpoint.fingerprint(output_digests),
             previous_manifest=read_json_object(previous) if previous.is_file() else None,
+            redaction=redaction or {},
         )
         write_json_atomically(staging / MANIFEST_FILE, manifest.to_json(), ensure_ascii=True)
+        write_card(staging, manifest.to_json(), license=license, attached=attached)
     return ApplyResult(path=out, manifest=manifest)
 
 
 # --- one-shot ------------------------------------------------------------------------------------
 
 
-def run_apply(
+@dataclass(frozen=True)
+class ApplyPlan:
+    """A one-shot apply resolved and checked: checkpoint (headers only), layers, accessor, output."""
+
+    model: ModelSpec
+    checkpoint: Checkpoint
+    accessor: Artifact
+    exposures: list[torch.Tensor]  # (m,) float32 per layer, from the accessor
+    layers: list[int]
+    out: Path
+    options: ApplyOptions
+    device: str
+    attached: AttachedReport | None = None  # an eval report of this output, for the card
+    tune: dict[str, Any] | None = None  # from kvwctl tune --apply: the tune file and the trial
+    command: str = "apply"
+
+    def facts(self) -> dict[str, Any]:
+        """What a dry run prints (``kvwctl.plans``)."""
+        keys = ("model", "model_fingerprint", "mode", "batch_size", "num_batches", "positions")
+        return {
+            "command": self.command,
+            "model": checkpoint_facts(self.checkpoint),
+            "layers": self.layers,
+            "edited_tensors": {str(layer): self.checkpoint.down_projections[layer].name for layer in self.layers},
+            "accessor": {"path": str(self.accessor.path), **{key: self.accessor.metadata.get(key) for key in keys}},
+            "settings": {
+                "gamma": self.options.gamma,
+                "mode": "one-shot",
+                "device": self.device,
+                "redact": self.options.redact,
+            },
+            "outputs": [output_facts(self.out, "checkpoint", force=self.options.force)],
+        }
+
+
+def plan_apply(
     model: ModelSpec,
     accessor: Path,
     out: Path,
     options: ApplyOptions,
     *,
-    tracker: Tracker | None = None,
+    eval_report: Path | None = None,
     tune: dict[str, Any] | None = None,
-) -> ApplyResult:
-    """One-shot: scale ``model``'s knowledge vectors by the exposure in ``accessor``; write ``out``.
+) -> ApplyPlan:
+    """Every check ``run_apply`` makes before reading a weight (all but the fingerprint's).
 
+    ``eval_report`` (an eval of this very output, e.g. of an identical earlier run) goes into the card.
     ``tune`` (from ``kvwctl tune --apply``) is recorded in the manifest's provenance: the tune
     file's path and sha256 and the trial applied.
     """
     from kvwctl.modeling import select_device
 
     checkpoint = open_checkpoint(resolve_model(model.reference, model.revision))
-    check_outputs(directories=[out], inputs=[*checkpoint.input_paths, accessor], force=options.force)
+    reports = [] if eval_report is None else [eval_report]
+    check_outputs(directories=[out], inputs=[*checkpoint.input_paths, accessor, *reports], force=options.force)
+    attached = attach_report(eval_report) if eval_report is not None else None
     selected = parse_layers(options.layers, checkpoint.num_layers)
     artifact = read_artifact(accessor, ACCESSOR_FORMAT)
-    fingerprint = checkpoint.fingerprint()
-    check_fits_model(artifact, checkpoint, fingerprint)
+    if int(artifact.metadata["num_layers"]) != checkpoint.num_layers:
+        raise ArtifactError(
+            f"{accessor} was made from {artifact.metadata['model']} with {artifact.metadata['num_layers']} layers, "
+            f"not from {checkpoint.source.reference} with {checkpoint.num_layers}",
+            hint="profile and apply must use the same model weights",
+        )
     exposures = []
     for layer in range(checkpoint.num_layers):
         exposure = artifact.layer_tensor(layer, "exposure")
@@ -267,25 +324,65 @@ def run_apply(
             )
         exposures.append(exposure)
     check_gamma(options.gamma, exposures, selected)
+    return ApplyPlan(
+        model=model,
+        checkpoint=checkpoint,
+        accessor=artifact,
+        exposures=exposures,
+        layers=selected,
+        out=out,
+        options=options,
+        device=str(select_device(options.device)),
+        attached=attached,
+        tune=tune,
+    )
+
+
+def run_apply(
+    model: ModelSpec,
+    accessor: Path,
+    out: Path,
+    options: ApplyOptions,
+    *,
+    eval_report: Path | None = None,
+    tracker: Tracker | None = None,
+    tune: dict[str, Any] | None = None,
+) -> ApplyResult:
+    """One-shot: scale ``model``'s knowledge vectors by the exposure in ``accessor``; write ``out``
+    (``eval_report`` and ``tune``: see :func:`plan_apply`)."""
+    plan = plan_apply(model, accessor, out, options, eval_report=eval_report, tune=tune)
+    return execute_apply(plan, tracker=tracker)
+
+
+def execute_apply(plan: ApplyPlan, *, tracker: Tracker | None = None) -> ApplyResult:
+    """The work of a planned one-shot apply: fingerprint, then the weakened checkpoint."""
+    import torch
+
+    checkpoint, artifact, out, options = plan.checkpoint, plan.accessor, plan.out, plan.options
+    redactor = Redactor.create(enabled=options.redact)
+    fingerprint = checkpoint.fingerprint()
+    check_fits_model(artifact, checkpoint, fingerprint)
     provenance = {
         "mode": "one-shot",
         "accessor": {
-            "path": recorded_path(accessor, out),
-            "sha256": file_sha256(accessor),
+            "path": redactor.text(recorded_path(artifact.path, out)),
+            "sha256": file_sha256(artifact.path),
             "batch_size": int(artifact.metadata["batch_size"]),
             "mode": artifact.metadata["mode"],
         },
-        **({"tune": tune} if tune is not None else {}),
+        **({"tune": plan.tune} if plan.tune is not None else {}),
     }
     return write_weakened_checkpoint(
         checkpoint,
-        exposures,
+        plan.exposures,
         gamma=options.gamma,
-        layers=selected,
+        layers=plan.layers,
         out=out,
         force=options.force,
-        device=select_device(options.device),
+        device=torch.device(plan.device),
         input_fingerprint=fingerprint,
         provenance=provenance,
         tracker=tracker or NullTracker(),
+        attached=plan.attached,
+        redaction=redactor.record(),
     )

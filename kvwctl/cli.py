@@ -9,8 +9,10 @@
 Option values come from the flag, else ``KVW_<KEY>``, else kvw.toml, else the default that the
 stage's options dataclass declares (``kvwctl.options``); help texts show those defaults. stdout
 carries only results (the output path, or JSON with ``--json``); messages, tables and progress
-bars go to stderr. Exit codes follow the one rule in ``kvwctl.errors`` (0, 1 bad input or failed
-check, 2 usage, 130 interrupted, 143/129 SIGTERM/SIGHUP), applied in the single catch site below;
+bars go to stderr. ``--dry-run`` on every command stops after the stage's plan (``kvwctl.plans``):
+inputs resolved and checked, the plan shown, nothing loaded or written. Exit codes follow the one
+rule in ``kvwctl.errors`` (0, 1 bad input or failed check, 2 usage, 130 interrupted, 143/129
+SIGTERM/SIGHUP), applied in the single catch site below;
 while a command runs, SIGTERM and SIGHUP raise ``errors.Terminated`` so that outputs are cleaned
 up exactly as on Ctrl-C. Nothing ever prompts.
 This is the only module that imports typer; torch is imported only inside command bodies
@@ -23,7 +25,7 @@ import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -35,6 +37,7 @@ from kvwctl.options import (
     AccessorOptions,
     ApplyOptions,
     EvalOptions,
+    PlotOptions,
     ProfileOptions,
     TuneOptions,
     VerifyOptions,
@@ -42,16 +45,20 @@ from kvwctl.options import (
     help_text,
 )
 
+if TYPE_CHECKING:
+    from kvwctl.plans import Plan
+
 app = typer.Typer(
     name="kvwctl",
     help="Make a (vision-)language model forget chosen data without training: Knowledge Vector Weakening.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     rich_markup_mode=None,  # help texts contain literal [default: …] brackets, not Rich markup
     pretty_exceptions_show_locals=False,  # locals would be multi-GB tensors
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+SECRET_ARGUMENTS = frozenset({"token"})  # never written to stderr or --log-file
 
 
 def _flag(flag: str, help: str) -> Any:
@@ -73,8 +80,24 @@ ModelOption = Annotated[str | None, _flag("--model", "Hub id or local checkpoint
 RevisionOption = Annotated[str | None, _flag("--revision", "Hub branch, tag or commit [kvw.toml: revision]")]
 ForceOption = Annotated[bool, _flag("--force", "Replace an existing output.")]
 JsonOption = Annotated[bool, _flag("--json", "Print a JSON summary on stdout instead of the output path.")]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and warnings on stderr.")]
 DebugOption = Annotated[bool, _flag("--debug", "Show tracebacks.")]
+DryRunOption = Annotated[
+    bool,
+    _flag("--dry-run", "Resolve and check the inputs, print the plan (--json: on stdout) and exit: no model work."),
+]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Also debug messages: arguments, timings.")]
+LogFileOption = Annotated[
+    Path | None, _flag("--log-file", "Append every message, progress line and library warning to this file.")
+]
+RedactOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--redact/--no-redact",
+        help="Write sample ids and data paths as keyed hashes and leave out the texts [kvw.toml: redact]",
+        show_default=False,
+    ),
+]
 
 
 def command(name: str | None = None) -> Callable[[F], F]:
@@ -92,20 +115,30 @@ def command(name: str | None = None) -> Callable[[F], F]:
 def _register(function: F, *, name: str | None) -> F:
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        console.set_quiet(bool(kwargs.get("quiet")))
-        console.set_library_output(bool(kwargs.get("debug")))
-        try:
-            with termination_signals_raise():
-                return function(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except BaseException as error:
-            code = exit_code_for(error)
-            if code is None or kwargs.get("debug"):
+        flags = dict(
+            quiet=bool(kwargs.get("quiet")), verbose=bool(kwargs.get("verbose")), debug=bool(kwargs.get("debug"))
+        )
+        with console.session(**flags) as session:
+            try:
+                session.open_log(kwargs.get("log_file"))
+                given = ", ".join(
+                    f"{key}={'<hidden>' if key in SECRET_ARGUMENTS else value}"
+                    for key, value in kwargs.items()
+                    if value is not None and value is not False
+                )
+                console.debug(f"kvwctl {name or function.__name__}: {given}")
+                with termination_signals_raise():
+                    return function(*args, **kwargs)
+            except typer.Exit:
                 raise
-            label, message, hint = describe(error)
-            console.error(message, hint=hint, label=label)
-            raise typer.Exit(code) from None
+            except BaseException as error:
+                console.log_traceback(error)
+                code = exit_code_for(error)
+                if code is None or kwargs.get("debug"):
+                    raise
+                label, message, hint = describe(error)
+                console.error(message, hint=hint, label=label)
+                raise typer.Exit(code) from None
 
     app.command(name=name)(wrapper)
     return function
@@ -117,6 +150,17 @@ def _emit(path: Path, summary: dict[str, Any], as_json: bool) -> None:
         typer.echo(json.dumps({"path": str(path), **summary}, indent=2, default=str, allow_nan=False))
     else:
         typer.echo(str(path))
+
+
+def _dry_run(plan: Plan, as_json: bool) -> None:
+    """A dry run's result: the plan as a table on stderr, and as JSON on stdout with ``--json``."""
+    from kvwctl.tables import plan_table
+
+    facts = plan.facts()
+    console.show(plan_table(facts))
+    console.info("Dry run: nothing was loaded or written.")
+    if as_json:
+        typer.echo(json.dumps({"dry_run": True, **facts}, indent=2, default=str, allow_nan=False))
 
 
 def _version(value: bool) -> None:
@@ -148,19 +192,24 @@ def profile(
     batch_size: Annotated[int | None, _option(ProfileOptions, "batch_size")] = None,
     device: Annotated[str | None, _option(ProfileOptions, "device")] = None,
     dtype: Annotated[str | None, _option(ProfileOptions, "dtype")] = None,
+    redact: RedactOption = None,
     force: ForceOption = False,
+    dry_run: DryRunOption = False,
     config: ConfigOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Knowledge coefficients of a data split: mean |input| of every down projection."""
-    from kvwctl.profile import run_profile
+    from kvwctl.profile import execute_profile, plan_profile
 
     project = load_config(config)
     options = fill(
         ProfileOptions,
-        dict(split=split, positions=positions, batch_size=batch_size, device=device, dtype=dtype, force=force),
+        dict(split=split, positions=positions, batch_size=batch_size, device=device, dtype=dtype, force=force)
+        | {"redact": redact},
         project,
     )
     spec = project.model_spec(model, revision)
@@ -168,8 +217,11 @@ def profile(
     out = out or project.workdir / f"profile-{options.split}.safetensors"
     shown = {"model": spec.reference, "data": data, "out": out, "revision": spec.revision}
     _show_inputs("profile", shown | {key: value for key, value in vars(options).items() if key != "force"})
+    plan = plan_profile(spec, data, out, options)
+    if dry_run:
+        return _dry_run(plan, json_output)
     with console.progress_tracker() as tracker:
-        result = run_profile(spec, data, out, options, tracker=tracker)
+        result = execute_profile(plan, tracker=tracker)
     console.info(
         f"Profiled {result.num_samples} samples, {result.num_positions} positions, {result.num_layers} layers "
         f"-> {result.path}"
@@ -188,23 +240,31 @@ def accessor(
     out: Annotated[Path | None, _flag("--out", "Output file [default: <workdir>/accessor.safetensors]")] = None,
     batch_size: Annotated[int | None, _option(AccessorOptions, "batch_size")] = None,
     save_batches: Annotated[bool, _option(AccessorOptions, "save_batches")] = False,
+    redact: RedactOption = None,
     force: ForceOption = False,
+    dry_run: DryRunOption = False,
     config: ConfigOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Forget exposure E = sum over forget batches of max(0, log C_f - log C_r)."""
-    from kvwctl.accessor import run_accessor
+    from kvwctl.accessor import execute_accessor, plan_accessor
     from kvwctl.tables import accessor_table
 
     project = load_config(config)
-    options = fill(AccessorOptions, dict(batch_size=batch_size, save_batches=save_batches, force=force), project)
+    flags = dict(batch_size=batch_size, save_batches=save_batches, redact=redact, force=force)
+    options = fill(AccessorOptions, flags, project)
     forget = forget or project.workdir / "profile-forget.safetensors"
     retain = retain or project.workdir / "profile-retain.safetensors"
     out = out or project.workdir / "accessor.safetensors"
     _show_inputs("accessor", {"forget": forget, "retain": retain, "out": out, "batch_size": options.batch_size})
-    result = run_accessor(forget, retain, out, options)
+    plan = plan_accessor(forget, retain, out, options)
+    if dry_run:
+        return _dry_run(plan, json_output)
+    result = execute_accessor(plan)
     console.show(accessor_table(result))
     _emit(result.path, result.summary(), json_output)
 
@@ -237,10 +297,15 @@ def apply(
     ] = None,
     device: Annotated[str | None, _option(ApplyOptions, "device")] = None,
     dtype: Annotated[str | None, _option(ApplyOptions, "dtype")] = None,
+    eval_report: Annotated[Path | None, _flag("--eval", "An eval report of this output, for the model card")] = None,
+    redact: RedactOption = None,
     force: ForceOption = False,
+    dry_run: DryRunOption = False,
     config: ConfigOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Write a new checkpoint with knowledge vectors scaled by exp(-gamma * E)."""
@@ -254,29 +319,33 @@ def apply(
             applies = "does not apply with --progressive" if progressive else "applies to --progressive only"
             raise UsageError(f"--{name.replace('_', '-')} {applies}")
     flags = dict(gamma=gamma, layers=layers, progressive=progressive, batch_size=batch_size, device=device)
-    options = fill(ApplyOptions, {**flags, "dtype": dtype, "force": force}, project)
+    options = fill(ApplyOptions, {**flags, "dtype": dtype, "redact": redact, "force": force}, project)
     spec = project.model_spec(model, revision)
     out = out or project.workdir / "unlearned"
     common = {"model": spec.reference, "out": out, "revision": spec.revision, "gamma": options.gamma}
     common |= {"layers": options.layers, "device": options.device}
+    plan: Plan
     if options.progressive:
-        from kvwctl.progressive import run_progressive
+        from kvwctl.progressive import execute_progressive, plan_progressive
 
         forget_data = require(forget_data or project.split("forget"), flag="--forget-data", key="splits.forget")
         retain = retain or project.workdir / "profile-retain.safetensors"
         extra = {"batch_size": options.batch_size, "dtype": options.dtype}
         _show_inputs("apply --progressive", {"forget_data": forget_data, "retain": retain, **common, **extra})
-        with console.progress_tracker() as tracker:
-            result = run_progressive(
-                spec, forget_data, retain, out, options, exposure_out=exposure_out, tracker=tracker
-            )
+        plan = plan_progressive(
+            spec, forget_data, retain, out, options, exposure_out=exposure_out, eval_report=eval_report
+        )
+        execute: Callable[..., Any] = execute_progressive
     else:
-        from kvwctl.apply import run_apply
+        from kvwctl.apply import execute_apply, plan_apply
 
         accessor_path = accessor_path or project.workdir / "accessor.safetensors"
         _show_inputs("apply", {"accessor": accessor_path, **common})
-        with console.progress_tracker() as tracker:
-            result = run_apply(spec, accessor_path, out, options, tracker=tracker)
+        plan, execute = plan_apply(spec, accessor_path, out, options, eval_report=eval_report), execute_apply
+    if dry_run:
+        return _dry_run(plan, json_output)
+    with console.progress_tracker() as tracker:
+        result = execute(plan, tracker=tracker)
     manifest = result.manifest
     console.info(f"Layers edited: {manifest.layers}")
     console.show(apply_table(options.gamma, manifest.per_layer))
@@ -321,19 +390,23 @@ def evaluate(
     dtype: Annotated[str | None, _option(EvalOptions, "dtype")] = None,
     fold: Annotated[str | None, _option(EvalOptions, "fold")] = None,
     group_by: Annotated[str | None, _option(EvalOptions, "group_by")] = None,
+    redact: RedactOption = None,
     force: ForceOption = False,
+    dry_run: DryRunOption = False,
     config: ConfigOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Generation and likelihood metrics of a model (and a baseline) on data splits, with requirements."""
-    from kvwctl.evaluate import run_eval
+    from kvwctl.evaluate import execute_eval, plan_eval
     from kvwctl.tables import eval_table
 
     project = load_config(config)
     flags = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype, force=force)
-    flags |= dict(fold=fold, group_by=group_by)
+    flags |= dict(fold=fold, group_by=group_by, redact=redact)
     options = fill(EvalOptions, {**flags, "require": tuple(require_) if require_ else None}, project)
     models = project.eval_models(model, revision, baseline=baseline, reference=reference)
     splits = parse_named_paths(data, flag="--data") if data else dict(project.splits)
@@ -344,8 +417,11 @@ def evaluate(
     shown |= {f"data {name}": path for name, path in splits.items()}
     settings = {key: value for key, value in vars(options).items() if key not in ("require", "force")}
     _show_inputs("eval", {**shown, "out": out, **settings})
+    plan = plan_eval(models, splits, out, options, samples_out=samples_out)
+    if dry_run:
+        return _dry_run(plan, json_output)
     with console.progress_tracker() as tracker:
-        result = run_eval(models, splits, out, options, samples_out=samples_out, tracker=tracker)
+        result = execute_eval(plan, tracker=tracker)
     console.show(eval_table(result.report))
     if result.report.non_finite:
         console.error(
@@ -407,15 +483,18 @@ def tune(
     ] = None,
     resume: Annotated[bool, _option(TuneOptions, "resume")] = False,
     force: ForceOption = False,
+    dry_run: DryRunOption = False,
     config: ConfigOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Search gamma (or a mean gate), layers, accessor batch size and positions; choose under constraints."""
     from kvwctl.source import ModelSpec
     from kvwctl.tables import tune_table
-    from kvwctl.tune import TuneInputs, run_tune
+    from kvwctl.tune import TuneInputs, execute_tune, plan_tune
 
     project = load_config(config)
     flags = dict(
@@ -443,8 +522,11 @@ def tune(
     shown |= {f"data {name}": path for name, path in splits.items()}
     settings = {key: value for key, value in vars(options).items() if key not in ("force", "resume")}
     _show_inputs("tune", {**shown, "reference": reference, "out": out, "apply": apply_out, **settings})
+    plan = plan_tune(inputs, options, apply_out=apply_out)
+    if dry_run:
+        return _dry_run(plan, json_output)
     with console.progress_tracker() as tracker:
-        result = run_tune(inputs, options, tracker=tracker, apply_out=apply_out)
+        result = execute_tune(plan, tracker=tracker)
     console.show(tune_table(result.report))
     for entry in result.report["selection"]:
         where = f"fold {entry['fold']}" if entry["fold"] else "all samples"
@@ -470,22 +552,107 @@ def verify(
     revision: Annotated[str | None, _flag("--revision", "Hub branch, tag or commit of --base")] = None,
     accessor_path: Annotated[Path | None, _flag("--accessor", "Its accessor or exposure file (with --base)")] = None,
     device: Annotated[str | None, _option(VerifyOptions, "device")] = None,
+    dry_run: DryRunOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Check a checkpoint against its kvw_manifest.json; with --base and --accessor, recompute the edit."""
     from kvwctl.source import ModelSpec
-    from kvwctl.verify import run_verify
+    from kvwctl.verify import execute_verify, plan_verify
 
     if (base is None) != (accessor_path is None) or (revision is not None and base is None):
         raise UsageError("--base and --accessor go together (and --revision needs --base)")
     options = fill(VerifyOptions, {"device": device})
     spec = ModelSpec(base, revision) if base is not None else None
+    plan = plan_verify(checkpoint_dir, options, base=spec, accessor=accessor_path)
+    if dry_run:
+        return _dry_run(plan, json_output)
     with console.progress_tracker() as tracker:
-        result = run_verify(checkpoint_dir, options, base=spec, accessor=accessor_path, tracker=tracker)
+        result = execute_verify(plan, tracker=tracker)
     console.info("Verified: " + "; ".join(result.checks))
     _emit(result.path, result.to_json(), json_output)
+
+
+@command()
+def card(
+    checkpoint_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A checkpoint directory written by apply")],
+    eval_report: Annotated[Path | None, _flag("--eval", "An eval report (eval.json) of this checkpoint")] = None,
+    force: Annotated[bool, _flag("--force", "Replace a README.md that kvwctl did not write.")] = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """(Re)write DIR/README.md, the model card, from kvw_manifest.json and optionally an eval report."""
+    from kvwctl.card import run_card
+
+    result = run_card(checkpoint_dir, eval_report=eval_report, force=force)
+    console.info(f"Wrote {result.path}")
+    _emit(result.path, result.to_json(), json_output)
+
+
+@command()
+def push(
+    checkpoint_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A checkpoint directory written by apply")],
+    repo_id: Annotated[str, typer.Argument(metavar="REPO", help="Hub model repository, owner/name")],
+    revision: Annotated[
+        str | None, _flag("--revision", "Branch to push to (created if missing) [default: main]")
+    ] = None,
+    private: Annotated[bool, _flag("--private", "Create the repository private (if it does not exist).")] = False,
+    create_pr: Annotated[bool, _flag("--create-pr", "Open a pull request against main instead of committing.")] = False,
+    token: Annotated[str | None, _flag("--token", "Hub token [default: HF_TOKEN or the saved login]")] = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Upload a checkpoint (checked as verify DIR checks it) to the Hugging Face Hub."""
+    from kvwctl.push import run_push
+
+    if quiet:  # huggingface_hub's upload progress goes to stderr otherwise
+        from huggingface_hub.utils.tqdm import disable_progress_bars
+
+        disable_progress_bars()
+    with console.progress_tracker() as tracker:
+        result = run_push(
+            checkpoint_dir, repo_id, revision=revision, private=private, create_pr=create_pr, token=token,
+            tracker=tracker,
+        )  # fmt: skip
+    console.info(f"Pushed {result.path} to {result.repo_url} ({result.revision})")
+    if json_output:
+        _emit(result.path, result.to_json(), True)
+    else:
+        typer.echo(result.pr_url or result.commit_url)
+
+
+@command()
+def plot(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="An accessor or exposure file, or eval's report")],
+    out: Annotated[Path | None, _flag("--out", "The PNG to write [default: FILE with .png]")] = None,
+    gamma: Annotated[float | None, _option(PlotOptions, "gamma")] = None,
+    layers: Annotated[str | None, _option(PlotOptions, "layers")] = None,
+    force: ForceOption = False,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Draw a stage file or eval report as a PNG (needs matplotlib: pip install 'kvwctl[plot]')."""
+    from kvwctl.plots import default_out, run_plot
+
+    flags = dict(gamma=gamma, layers=layers)
+    options = fill(PlotOptions, {**flags, "force": force}, load_config(config))
+    given = [name for name, value in flags.items() if value is not None]
+    result = run_plot(file, out or default_out(file), options, given=given)
+    console.info(f"Wrote {result.path} ({result.format})")
+    _emit(result.path, result.summary(), json_output)
 
 
 @app.command()

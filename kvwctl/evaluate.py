@@ -12,7 +12,9 @@ as the profile stage encodes it. The metrics computed from them are defined in `
 the requirements (``--require``), checked against the inputs before any model work, in
 ``kvwctl.requirements``. The report (``kvwctl.report``) holds, per role, split and metric, the mean
 and count, plus the inputs, the settings and every requirement's outcome; it has no timestamps:
-the same inputs give the same bytes.
+the same inputs give the same bytes. With ``redact`` the report's data paths and the per-sample
+ids are keyed hashes and the per-sample file holds no question, answer, generation or chosen option
+(``kvwctl.redact``). ``plan_eval`` makes every check before a model is loaded (``--dry-run``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvwctl.checkpoint import Checkpoint, open_checkpoint
-from kvwctl.console import NullTracker, Tracker
 from kvwctl.conversation import ChatRenderer, RenderedSample
 from kvwctl.data import Sample, load_samples
 from kvwctl.errors import DataError, KvwError, UsageError
@@ -45,8 +46,12 @@ from kvwctl.metrics import (
 from kvwctl.modeling import LoadedModel, encode_batch, encode_prompts, load_model, select_device, select_dtype
 from kvwctl.options import EvalOptions
 from kvwctl.outputs import check_outputs
+from kvwctl.plans import batch_count, checkpoint_facts, data_facts, output_facts
+from kvwctl.progress import NullTracker, Tracker
+from kvwctl.redact import Redactor
 from kvwctl.report import EvalReport, EvalSettings, ModelInfo, SplitInfo
 from kvwctl.requirements import (
+    Requirement,
     RequirementOutcome,
     check_requirements,
     check_requirements_have_values,
@@ -143,7 +148,7 @@ def generate_answers(
     prompts = [renderer.render_prompt(sample) for sample in samples]
     generations: list[str] = []
     batches = _batches(prompts, batch_size)
-    for batch in tracker.track(batches, total=len(batches), description=description):
+    for batch in tracker.track(batches, total=len(prompts), description=description, unit="samples", size=len):
         inputs = encode_prompts(loaded, list(batch))
         with torch.inference_mode():
             output = loaded.model.generate(
@@ -172,7 +177,8 @@ def score_conversations(
 
     scores: list[float] = []
     batches = _batches(rendered, batch_size)
-    for batch in tracker.track(batches, total=len(batches), description=description):
+    progress = tracker.track(batches, total=len(rendered), description=description, unit="answers", size=len)
+    for batch in progress:
         encoded = encode_batch(loaded, list(batch), positions="answer")
         mask = encoded.position_mask  # (batch, sequence): positions that predict an answer token
         input_ids = encoded.inputs["input_ids"]  # (batch, sequence)
@@ -215,7 +221,10 @@ def evaluate_split(
     batch_size: int,
     tracker: Tracker,
 ) -> list[SampleResult]:
-    """Generations, answer log-probabilities and multiple-choice picks for every sample of a split."""
+    """Generations, answer log-probabilities and multiple-choice picks for every sample of a split.
+
+    ``role`` names the model in the progress descriptions (``model 2/3 (baseline)``).
+    """
     split, rendered = prepared.split, prepared.conversations
     generations = generate_answers(
         loaded,
@@ -295,22 +304,51 @@ def default_samples_path(out: Path) -> Path:
     return out.with_name(f"{out.stem if out.suffix == '.json' else out.name}.samples.jsonl")
 
 
-def run_eval(
+@dataclass(frozen=True)
+class EvalPlan:
+    """An eval run resolved and checked: every checkpoint (headers only), split and requirement, the outputs."""
+
+    checkpoints: dict[str, Checkpoint]  # role -> checkpoint, in ROLES order
+    splits: list[EvalSplit]
+    requirements: list[Requirement]
+    out: Path
+    samples_out: Path
+    options: EvalOptions
+    device: str
+    command: str = "eval"
+
+    def facts(self) -> dict[str, Any]:
+        """What a dry run prints (``kvwctl.plans``)."""
+        options, force = self.options, self.options.force
+        return {
+            "command": self.command,
+            "models": {role: checkpoint_facts(checkpoint) for role, checkpoint in self.checkpoints.items()},
+            "data": {split.name: data_facts(split.path, split.samples) for split in self.splits},
+            "requirements": list(options.require),
+            "settings": {
+                "max_new_tokens": options.max_new_tokens,
+                "batch_size": options.batch_size,
+                "batches": sum(batch_count(len(split.samples), options.batch_size) for split in self.splits),
+                "device": self.device,
+                "dtype": options.dtype,
+                "redact": options.redact,
+            },
+            "outputs": [
+                output_facts(self.out, "report", force=force),
+                output_facts(self.samples_out, "per-sample", force=force),
+            ],
+        }
+
+
+def plan_eval(
     models: dict[str, ModelSpec],
     splits: dict[str, Path],
     out: Path,
     options: EvalOptions,
     *,
     samples_out: Path | None = None,
-    tracker: Tracker | None = None,
-) -> EvalResult:
-    """Evaluate ``models`` (roles: model, baseline, reference) on ``splits`` and write the report.
-
-    Requirements are parsed and checked against the splits and models before any model work;
-    their outcomes are in the report, and failing them is left to the caller.
-    """
-    tracker = tracker or NullTracker()
-    max_new_tokens, batch_size, dtype = options.max_new_tokens, options.batch_size, options.dtype
+) -> EvalPlan:
+    """Every check ``run_eval`` makes before any model work: splits, requirements, checkpoints, outputs."""
     parsed = [parse_requirement(text) for text in options.require]
     unknown_roles = sorted(set(models) - set(ROLES))
     if "model" not in models or unknown_roles:
@@ -333,28 +371,67 @@ def run_eval(
         fold, folds = parse_fold(options.fold)
         evaluated = [split.only_fold(fold, folds, options.group_by) for split in evaluated]
     check_requirements_have_values(parsed, {split.name: split.with_options for split in evaluated})
-    checkpoints = {role: open_checkpoint(resolve_model(spec.reference, spec.revision)) for role, spec in models.items()}
+    checkpoints = {
+        role: open_checkpoint(resolve_model(models[role].reference, models[role].revision)) for role in roles
+    }
     inputs = [
         *(path for checkpoint in checkpoints.values() for path in checkpoint.input_paths),
         *splits.values(),
         *(image for split in evaluated for sample in split.samples for image in sample.images),
     ]
     check_outputs(files=[out, samples_out], inputs=inputs, force=options.force)
+    return EvalPlan(
+        checkpoints=checkpoints,
+        splits=evaluated,
+        requirements=parsed,
+        out=out,
+        samples_out=samples_out,
+        options=options,
+        device=str(torch_device),
+    )
 
+
+def run_eval(
+    models: dict[str, ModelSpec],
+    splits: dict[str, Path],
+    out: Path,
+    options: EvalOptions,
+    *,
+    samples_out: Path | None = None,
+    tracker: Tracker | None = None,
+) -> EvalResult:
+    """Evaluate ``models`` (roles: model, baseline, reference) on ``splits`` and write the report.
+
+    Requirements are parsed and checked against the splits and models before any model work;
+    their outcomes are in the report, and failing them is left to the caller.
+    """
+    return execute_eval(plan_eval(models, splits, out, options, samples_out=samples_out), tracker=tracker)
+
+
+def execute_eval(plan: EvalPlan, *, tracker: Tracker | None = None) -> EvalResult:
+    """The work of a planned eval: every model loaded in turn over every split, then both files."""
     import torch
 
+    tracker = tracker or NullTracker()
+    options, evaluated, out, samples_out = plan.options, plan.splits, plan.out, plan.samples_out
+    max_new_tokens, batch_size, dtype = options.max_new_tokens, options.batch_size, options.dtype
+    redactor = Redactor.create(enabled=options.redact)
+    torch_device = torch.device(plan.device)
+    roles = list(plan.checkpoints)
     model_info: dict[str, ModelInfo] = {}
     per_sample: dict[str, dict[str, list[SampleResult]]] = {}
-    for role in roles:
-        checkpoint = checkpoints[role]
+    for index, role in enumerate(roles, start=1):
+        checkpoint = plan.checkpoints[role]
+        label = f"model {index}/{len(roles)} ({role})"
         torch_dtype = select_dtype(dtype, torch_device, checkpoint.config)
         model_info[role] = _describe_model(checkpoint, torch_dtype)
         torch.manual_seed(SEED)
-        loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
+        with tracker.status(f"{label}: loading {checkpoint.source.reference}"):
+            loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
         prepared = [render_split(loaded.renderer, split) for split in evaluated]  # data errors first
         per_sample[role] = {
             rendered.split.name: evaluate_split(
-                loaded, rendered, role=role, max_new_tokens=max_new_tokens, batch_size=batch_size, tracker=tracker
+                loaded, rendered, role=label, max_new_tokens=max_new_tokens, batch_size=batch_size, tracker=tracker
             )
             for rendered in prepared
         }
@@ -371,18 +448,19 @@ def run_eval(
         }
         for role in roles
     }
-    outcomes = check_requirements(parsed, results)
+    outcomes = check_requirements(plan.requirements, results)
     # The report names the per-sample file's hash: both are renamed into place, or neither.
     with committed_together() as outputs:
         samples_file = outputs.file(samples_out, force=options.force)
-        _write_samples(samples_file, per_sample)
+        _write_samples(samples_file, per_sample, redactor)
         report = EvalReport(
             models=model_info,
-            data={split.name: split.describe() for split in evaluated},
+            data={split.name: replace(split.describe(), path=redactor.text(str(split.path))) for split in evaluated},
             settings=_settings(max_new_tokens, batch_size, torch_device, dtype),
             results=results,
             requirements=outcomes,
             samples_sha256=file_sha256(samples_file),
+            redaction=redactor.record(),
         )
         write_json_atomically(outputs.file(out, force=options.force), report.to_json())
     return EvalResult(path=out, samples_path=samples_out, report=report)
@@ -414,8 +492,14 @@ def _settings(max_new_tokens: int, batch_size: int, device: torch.device, dtype:
     )
 
 
-def _write_samples(path: Path, per_sample: dict[str, dict[str, list[SampleResult]]]) -> None:
+def _write_samples(
+    path: Path, per_sample: dict[str, dict[str, list[SampleResult]]], redactor: Redactor | None = None
+) -> None:
+    """One record per role, split and sample; redacted: the id hashed, no question, answer,
+    generation or chosen option (the metrics, mc correctness included, are kept)."""
     import jsonlines
+
+    redactor = redactor or Redactor.create(enabled=False)
 
     def dumps(obj: Any) -> str:
         return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -425,20 +509,23 @@ def _write_samples(path: Path, per_sample: dict[str, dict[str, list[SampleResult
             for split, results in splits.items():
                 for result in results:
                     sample = result.sample
-                    writer.write(
-                        {
-                            "role": role,
-                            "split": split,
-                            "id": sample.id,
-                            "question": sample.question,
-                            "answer": sample.answer,
-                            "generation": result.generation,
-                            **{name: finite_or_none(value) for name, value in result.metrics.items()},
-                            "mc_choice": result.mc_choice,
-                            "non_finite": [
-                                name
-                                for name, value in result.metrics.items()
-                                if value is not None and finite_or_none(value) is None
-                            ],
-                        }
-                    )
+                    texts: dict[str, Any] = {
+                        "question": sample.question,
+                        "answer": sample.answer,
+                        "generation": result.generation,
+                    }
+                    record: dict[str, Any] = {
+                        "role": role,
+                        "split": split,
+                        "id": redactor.text(sample.id),
+                        **({} if redactor.enabled else texts),
+                        **{name: finite_or_none(value) for name, value in result.metrics.items()},
+                        **({} if redactor.enabled else {"mc_choice": result.mc_choice}),
+                        "non_finite": [
+                            name
+                            for name, value in result.metrics.items()
+                            if value is not None and finite_or_none(value) is None
+                        ],
+                        **({"redacted": True} if redactor.enabled else {}),
+                    }
+                    writer.write(record)

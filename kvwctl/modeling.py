@@ -71,9 +71,9 @@ class LoadedModel:
 def load_model(checkpoint: Checkpoint, *, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     import transformers
 
-    from kvwctl.console import quiet_transformers
+    from kvwctl.console import capture_transformers
 
-    quiet_transformers()
+    capture_transformers()
     architecture = checkpoint.architecture
     model_class = getattr(transformers, architecture.auto_class)
     # ignore_mismatched_sizes: a weight whose shape disagrees with config.json is reported in the

@@ -11,7 +11,8 @@ A value is taken by one precedence rule:
 
 so ``KVW_GAMMA=0.05 kvwctl apply`` overrides ``gamma = 0.02`` in kvw.toml and ``--gamma 0.1``
 overrides both. Fields without a key (``force``, ``save_batches``, ``require``) come from flags
-only. Every value is checked where it enters: a bad flag or ``KVW_*`` value is a usage error
+only. A switch with a key (``redact``) reads ``true``/``false`` (or ``1``/``0``) from its
+``KVW_*`` variable. Every value is checked where it enters: a bad flag or ``KVW_*`` value is a usage error
 (exit 2) naming the flag or variable; a bad kvw.toml value is a bad input file (exit 1) naming
 the file and key.
 """
@@ -144,10 +145,27 @@ def _device_option() -> Any:
     return option("auto", f"Device: {DEVICE_CHOICES}", key="device", check=_device_problem)
 
 
+def _redact_option() -> Any:
+    return option(
+        False,
+        "Replace sample ids and data paths in the outputs by keyed hashes and leave out the texts "
+        "(kvwctl.redact; the key from KVW_REDACT_KEY, else random and not stored).",
+        key="redact",
+    )
+
+
 def _dtype_option(help: str) -> Any:
     return option(
         "auto", help, key="dtype", choices=DTYPES, shown_default="auto: the stored dtype on a GPU, float32 on the CPU"
     )
+
+
+def _gamma_option(help: str) -> Any:
+    return option(0.02, help, key="gamma", minimum=0, check=_gamma_problem)
+
+
+def _layers_option(help: str) -> Any:
+    return option(":", help, key="layers", check=_layers_problem, shown_default="all")
 
 
 # --- the stages' options -------------------------------------------------------------------------
@@ -167,6 +185,7 @@ class ProfileOptions:
     batch_size: int = option(8, "Samples per forward pass", key="batch_size", minimum=1)
     device: str = _device_option()
     dtype: str = _dtype_option("auto, float32, bfloat16 or float16")
+    redact: bool = _redact_option()
     force: bool = option(False, "Replace an existing output.")
 
     def __post_init__(self) -> None:
@@ -185,6 +204,7 @@ class AccessorOptions:
         shown_default="1, as the paper",
     )
     save_batches: bool = option(False, "Also store every batch's A_b.")
+    redact: bool = _redact_option()
     force: bool = option(False, "Replace an existing output.")
 
     def __post_init__(self) -> None:
@@ -198,18 +218,13 @@ class ApplyOptions:
     ``batch_size`` and ``dtype`` are used by ``--progressive`` only (one-shot apply runs no model).
     """
 
-    gamma: float = option(0.02, "Weakening strength", key="gamma", minimum=0, check=_gamma_problem)
-    layers: str = option(
-        ":",
-        "Decoder layers, inclusive and 0-based: 2:26, :26, 2:, 0,3,5",
-        key="layers",
-        check=_layers_problem,
-        shown_default="all",
-    )
+    gamma: float = _gamma_option("Weakening strength")
+    layers: str = _layers_option("Decoder layers, inclusive and 0-based: 2:26, :26, 2:, 0,3,5")
     progressive: bool = option(False, "Algorithm 1: re-profile the weakened model after every forget batch.")
     batch_size: int = option(1, "Forget samples per batch, for --progressive", key="forget_batch_size", minimum=1)
     device: str = _device_option()
     dtype: str = _dtype_option("auto, float32, bfloat16 or float16, for --progressive")
+    redact: bool = _redact_option()
     force: bool = option(False, "Replace an existing output.")
 
     def __post_init__(self) -> None:
@@ -245,6 +260,7 @@ class EvalOptions:
     group_by: str | None = option(
         None, "Sample field whose value keeps samples in one fold (with --fold)", key="group_by", shown_default="id"
     )
+    redact: bool = _redact_option()
     force: bool = option(False, "Replace an existing output.")
 
     def __post_init__(self) -> None:
@@ -387,6 +403,18 @@ class TuneOptions:
             parse_requirement(text)
 
 
+@dataclass(frozen=True)
+class PlotOptions:
+    """``kvwctl plot``: a stage file or report as a PNG; ``gamma`` and ``layers`` as apply takes them."""
+
+    gamma: float = _gamma_option("γ of the gate histogram exp(-γ·E), for an accessor")
+    layers: str = _layers_option("Layers of the gate histogram, for an accessor: 2:26, :26, 2:, 0,3,5")
+    force: bool = option(False, "Replace an existing output.")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
 STAGE_OPTIONS: tuple[type, ...] = (
     ProfileOptions,
     AccessorOptions,
@@ -394,6 +422,7 @@ STAGE_OPTIONS: tuple[type, ...] = (
     EvalOptions,
     VerifyOptions,
     TuneOptions,
+    PlotOptions,
 )
 
 
@@ -441,6 +470,8 @@ def check_config_value(key: str, value: Any) -> str | None:
 def _from_environment(text: str, kind: Any) -> Any:
     """A ``KVW_*`` string converted to the field's type (left as text if it does not convert)."""
     allowed = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    if bool in allowed:
+        return {"true": True, "1": True, "false": False, "0": False}.get(text.strip().lower(), text)
     try:
         if float in allowed:
             return float(text)

@@ -4,8 +4,9 @@
   input and with the other outputs (symlinks resolved): the same file, an output inside an input
   directory or an input inside an output directory is refused, before anything expensive runs.
   An existing output is replaced only with ``--force`` and only if kvwctl wrote it (a checkpoint
-  with its ``kvw_manifest.json``, a file with a ``kvwctl.*`` format tag, eval's per-sample file,
-  or an empty file or directory); a user's folder at ``--out`` is never deleted.
+  with its ``kvw_manifest.json``, a file with a ``kvwctl.*`` format tag (for a PNG of ``kvwctl
+  plot``, its ``format`` text chunk), eval's per-sample file, or an empty file or directory); a
+  user's folder at ``--out`` is never deleted.
 * **Names read from files stay inside their directory.** ``inside(directory, name, source=...)``
   is the one place a name taken from a file (an index's shard names) is joined to a directory.
 
@@ -114,9 +115,10 @@ def check_replaceable(out: Path) -> None:
     """Refuse to replace (``--force``) an existing output that kvwctl did not write.
 
     kvwctl replaces only its own outputs: a checkpoint directory with a ``kvw_manifest.json`` whose
-    ``tool`` is ``kvwctl``, a stage file (safetensors) or report (JSON) whose ``format`` starts with
-    ``kvwctl.``, eval's per-sample JSON Lines file (its first record has ``role``, ``split``, ``id``
-    and ``generation``), a JSON Lines file whose first record has a ``kvwctl.`` format (tune's
+    ``tool`` is ``kvwctl``, a stage file (safetensors), report (JSON) or picture (PNG, its ``format``
+    text chunk) whose ``format`` starts with ``kvwctl.``, eval's per-sample JSON Lines file (its
+    first record has ``role``, ``split``, ``id`` and ``generation``, or ``"redacted": true`` instead
+    of ``generation``), a JSON Lines file whose first record has a ``kvwctl.`` format (tune's
     trial log), or an empty file or directory (nothing is lost). A user's folder or file
     at the output path is never deleted.
     """
@@ -145,6 +147,8 @@ def _written_by_kvwctl(out: Path) -> bool:
             head = stream.read(min(size, _TAGGED_FILE_LIMIT))
     except OSError:
         return False
+    if head.startswith(_PNG_SIGNATURE):
+        return _png_format(head).startswith("kvwctl.")  # a picture of kvwctl plot
     # A safetensors file: 8-byte little-endian header length, then the JSON header.
     header_size = int.from_bytes(head[:8], "little")
     if 2 <= header_size <= len(head) - 8:
@@ -153,13 +157,34 @@ def _written_by_kvwctl(out: Path) -> bool:
             return True
     if str(json_object(head).get("format", "")).startswith("kvwctl."):  # a report
         return True
-    first_record = json_object(head.split(b"\n", 1)[0])  # eval's per-sample JSON Lines, tune's log
+    first_record = json_object(head.split(b"\n", 1)[0])  # eval's per-sample JSON Lines (or redacted), tune's log
     if str(first_record.get("format", "")).startswith("kvwctl."):
         return True
-    return {"role", "split", "id", "generation"} <= first_record.keys()
+    return {"role", "split", "id", "generation"} <= first_record.keys() or (
+        {"role", "split", "id"} <= first_record.keys() and first_record.get("redacted") is True
+    )
 
 
 _TAGGED_FILE_LIMIT = 64 << 20  # headers and reports are far smaller; a longer file is not read whole
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_format(data: bytes) -> str:
+    """The ``format`` tEXt chunk of a PNG (before its image data), or ``""``.
+
+    A chunk is a 4-byte big-endian length, a 4-byte type, the data and a 4-byte CRC.
+    """
+    position = len(_PNG_SIGNATURE)
+    while position + 8 <= len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        kind = data[position + 4 : position + 8]
+        if kind in (b"IDAT", b"IEND"):
+            break
+        body = data[position + 8 : position + 8 + length]
+        if kind == b"tEXt" and body.startswith(b"format\0"):
+            return body.removeprefix(b"format\0").decode("latin-1")
+        position += 12 + length
+    return ""
 
 
 def json_object(data: bytes) -> dict[str, Any]:

@@ -12,7 +12,9 @@ token-pooled however the samples are later grouped:
 * a **forget** profile stores per-sample ``layers.N.sum`` (samples, m) and ``count`` (samples,),
   so the accessor can form forget batches of any size.
 
-Sums are float64, accumulated on the model's device; padding is never profiled.
+Sums are float64, accumulated on the model's device; padding is never profiled. With
+``redact`` the metadata's ``data`` path and ``sample_ids`` are keyed hashes (``kvwctl.redact``).
+``plan_profile`` makes every check before the model is loaded (``kvwctl.plans``, ``--dry-run``).
 """
 
 from __future__ import annotations
@@ -23,8 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvwctl.artifacts import PROFILE_FORMAT, model_metadata, write_artifact
-from kvwctl.checkpoint import open_checkpoint
-from kvwctl.console import NullTracker, Tracker
+from kvwctl.checkpoint import Checkpoint, open_checkpoint
 from kvwctl.conversation import RenderedSample
 from kvwctl.data import Sample, load_samples
 from kvwctl.files import file_sha256
@@ -39,6 +40,9 @@ from kvwctl.modeling import (
 )
 from kvwctl.options import ProfileOptions
 from kvwctl.outputs import check_outputs
+from kvwctl.plans import batch_count, checkpoint_facts, data_facts, output_facts
+from kvwctl.progress import NullTracker, Tracker
+from kvwctl.redact import Redactor
 from kvwctl.source import ModelSpec, resolve_model
 
 if TYPE_CHECKING:
@@ -81,7 +85,7 @@ def collect_sums(
     counts: list[torch.Tensor] = []
     batches = [rendered[start : start + batch_size] for start in range(0, len(rendered), batch_size)]
     with CoefficientCollector(loaded.down_projections) as collector:
-        for batch in tracker.track(batches, total=len(batches), description=description):
+        for batch in tracker.track(batches, total=len(rendered), description=description, unit="samples", size=len):
             sums, batch_counts = collector.run(loaded, encode_batch(loaded, batch, positions=positions))
             for layer, layer_batch in enumerate(sums):
                 layer_sums[layer].append(layer_batch)
@@ -90,20 +94,79 @@ def collect_sums(
     return [torch.cat(chunks) for chunks in layer_sums], torch.cat(counts)
 
 
-def run_profile(
-    model: ModelSpec, data: Path, out: Path, options: ProfileOptions, *, tracker: Tracker | None = None
-) -> ProfileResult:
-    """Profile ``data`` on ``model`` and write the profile to ``out`` (see the module docstring)."""
-    tracker = tracker or NullTracker()
+@dataclass(frozen=True)
+class ProfilePlan:
+    """A profile run resolved and checked: the checkpoint (headers only), the samples, the output."""
+
+    model: ModelSpec
+    checkpoint: Checkpoint
+    data: Path
+    samples: list[Sample]
+    out: Path
+    options: ProfileOptions
+    device: str
+    dtype: str
+    command: str = "profile"
+
+    def facts(self) -> dict[str, Any]:
+        """What a dry run prints (``kvwctl.plans``)."""
+        options = self.options
+        return {
+            "command": self.command,
+            "model": checkpoint_facts(self.checkpoint),
+            "layers": list(range(self.checkpoint.num_layers)),
+            "data": {"split": options.split, **data_facts(self.data, self.samples)},
+            "settings": {
+                "positions": options.positions,
+                "batch_size": options.batch_size,
+                "batches": batch_count(len(self.samples), options.batch_size),
+                "device": self.device,
+                "dtype": self.dtype,
+                "redact": options.redact,
+            },
+            "outputs": [output_facts(self.out, "profile", force=options.force)],
+        }
+
+
+def plan_profile(model: ModelSpec, data: Path, out: Path, options: ProfileOptions) -> ProfilePlan:
+    """Every check ``run_profile`` makes before loading the model: data, checkpoint, output."""
     samples = load_samples(data)
     checkpoint = open_checkpoint(resolve_model(model.reference, model.revision))
     images = [image for sample in samples for image in sample.images]
     check_outputs(files=[out], inputs=[*checkpoint.input_paths, data, *images], force=options.force)
-    fingerprint = checkpoint.fingerprint()
     torch_device = select_device(options.device)
     torch_dtype = select_dtype(options.dtype, torch_device, checkpoint.config)
-    loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
-    return write_profile(loaded, fingerprint, samples, data, out, options, tracker=tracker)
+    return ProfilePlan(
+        model=model,
+        checkpoint=checkpoint,
+        data=data,
+        samples=samples,
+        out=out,
+        options=options,
+        device=str(torch_device),
+        dtype=str(torch_dtype).removeprefix("torch."),
+    )
+
+
+def run_profile(
+    model: ModelSpec, data: Path, out: Path, options: ProfileOptions, *, tracker: Tracker | None = None
+) -> ProfileResult:
+    """Profile ``data`` on ``model`` and write the profile to ``out`` (see the module docstring)."""
+    return execute_profile(plan_profile(model, data, out, options), tracker=tracker)
+
+
+def execute_profile(plan: ProfilePlan, *, tracker: Tracker | None = None) -> ProfileResult:
+    """The work of a planned profile run: fingerprint, load the model, profile, write."""
+    import torch
+
+    tracker = tracker or NullTracker()
+    checkpoint = plan.checkpoint
+    fingerprint = checkpoint.fingerprint()
+    torch_device = torch.device(plan.device)
+    torch_dtype = getattr(torch, plan.dtype)
+    with tracker.status(f"Loading {plan.model.reference}"):
+        loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
+    return write_profile(loaded, fingerprint, plan.samples, plan.data, plan.out, plan.options, tracker=tracker)
 
 
 def write_profile(
@@ -118,10 +181,12 @@ def write_profile(
 ) -> ProfileResult:
     """Profile ``samples`` (read from ``data``) on a loaded model and write the profile to ``out``.
 
-    Used by ``run_profile`` and by ``kvwctl tune``, which profiles with the model it has loaded.
+    Used by ``execute_profile`` and by ``kvwctl tune``, which profiles with the model it has loaded.
     """
+
     split, positions, batch_size = options.split, options.positions, options.batch_size
     checkpoint, torch_device, torch_dtype = loaded.checkpoint, loaded.device, loaded.dtype
+    redactor = Redactor.create(enabled=options.redact)
     rendered = render_all(loaded.renderer, samples)
 
     sums, counts = collect_sums(
@@ -140,7 +205,7 @@ def write_profile(
         "format": PROFILE_FORMAT,
         **model_metadata(checkpoint, fingerprint),
         "split": split,
-        "data": str(data),
+        "data": redactor.text(str(data)),
         "data_sha256": file_sha256(data),
         "num_samples": str(len(samples)),
         "num_positions": str(int(counts.sum())),
@@ -149,7 +214,8 @@ def write_profile(
         "accumulation_dtype": "float64",
         "batch_size": str(batch_size),
         "device": str(torch_device),
-        "sample_ids": json.dumps([sample.id for sample in samples]),
+        "sample_ids": json.dumps(redactor.ids([sample.id for sample in samples])),
+        **redactor.metadata(),
     }
     write_artifact(out, tensors, metadata)
     return ProfileResult(

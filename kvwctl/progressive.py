@@ -17,27 +17,31 @@ original ones, so rounding to the model's dtype never compounds. At the end the 
 written from the stored weights exactly as one-shot ``apply`` writes it, with the final ``E``
 (:func:`kvwctl.apply.write_weakened_checkpoint`), and ``E`` itself is written beside it in the
 accessor format (``<out>.exposure.safetensors`` unless ``exposure_out`` is given), so one-shot and
-progressive runs compare file to file.
+progressive runs compare file to file. With ``redact`` the ids and paths in the exposure file's
+metadata and in the manifest are keyed hashes (``kvwctl.redact``). ``plan_progressive`` makes every
+check before the model is loaded (``kvwctl.plans``, ``--dry-run``).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kvwctl.apply import EXPOSURE_FILE, ApplyResult, recorded_path, write_weakened_checkpoint
 from kvwctl.artifacts import (
     PROFILE_FORMAT,
+    Artifact,
     check_fits_model,
     exposure_metadata,
     read_artifact,
     retain_coefficients,
     write_artifact,
 )
-from kvwctl.checkpoint import open_checkpoint
-from kvwctl.console import NullTracker, Tracker
-from kvwctl.data import load_samples
+from kvwctl.card import AttachedReport, attach_report, base_license
+from kvwctl.checkpoint import Checkpoint, open_checkpoint
+from kvwctl.data import Sample, load_samples
 from kvwctl.errors import ArtifactError, ModelError
 from kvwctl.files import committed_together, file_sha256
 from kvwctl.method import (
@@ -52,7 +56,99 @@ from kvwctl.method import (
 )
 from kvwctl.options import ApplyOptions
 from kvwctl.outputs import check_outputs
+from kvwctl.plans import batch_count, checkpoint_facts, data_facts, output_facts
+from kvwctl.progress import NullTracker, Tracker
+from kvwctl.redact import Redactor
 from kvwctl.source import ModelSpec, resolve_model
+
+
+@dataclass(frozen=True)
+class ProgressivePlan:
+    """A progressive apply resolved and checked: checkpoint (headers only), samples, retain profile, outputs."""
+
+    model: ModelSpec
+    checkpoint: Checkpoint
+    forget_data: Path
+    samples: list[Sample]
+    retain: Artifact
+    layers: list[int]
+    out: Path
+    exposure_path: Path
+    options: ApplyOptions
+    device: str
+    dtype: str
+    attached: AttachedReport | None = None  # an eval report of this output, for the card
+    command: str = "apply --progressive"
+
+    def facts(self) -> dict[str, Any]:
+        """What a dry run prints (``kvwctl.plans``)."""
+        keys = ("model", "model_fingerprint", "positions", "num_samples")
+        force = self.options.force
+        return {
+            "command": self.command,
+            "model": checkpoint_facts(self.checkpoint),
+            "layers": self.layers,
+            "edited_tensors": {str(layer): self.checkpoint.down_projections[layer].name for layer in self.layers},
+            "forget_data": data_facts(self.forget_data, self.samples),
+            "retain_profile": {"path": str(self.retain.path), **{key: self.retain.metadata.get(key) for key in keys}},
+            "settings": {
+                "gamma": self.options.gamma,
+                "mode": "progressive",
+                "batch_size": self.options.batch_size,
+                "batches": batch_count(len(self.samples), self.options.batch_size),
+                "positions": self.retain.metadata["positions"],
+                "device": self.device,
+                "dtype": self.dtype,
+                "redact": self.options.redact,
+            },
+            "outputs": [
+                output_facts(self.out, "checkpoint", force=force),
+                output_facts(self.exposure_path, "exposure", force=force),
+            ],
+        }
+
+
+def plan_progressive(
+    model: ModelSpec,
+    forget_data: Path,
+    retain_profile: Path,
+    out: Path,
+    options: ApplyOptions,
+    *,
+    exposure_out: Path | None = None,
+    eval_report: Path | None = None,
+) -> ProgressivePlan:
+    """Every check ``run_progressive`` makes before loading the model (all but the fingerprint's)."""
+    from kvwctl.modeling import select_device, select_dtype
+
+    checkpoint = open_checkpoint(resolve_model(model.reference, model.revision))
+    samples = load_samples(forget_data)
+    exposure_path = exposure_out or out.parent / f"{out.name}.{EXPOSURE_FILE}"
+    images = [image for sample in samples for image in sample.images]
+    inputs = [*checkpoint.input_paths, forget_data, *images, retain_profile, *([eval_report] if eval_report else [])]
+    check_outputs(files=[exposure_path], directories=[out], inputs=inputs, force=options.force)
+    attached = attach_report(eval_report) if eval_report is not None else None
+    base_license(checkpoint.path)  # a base card whose metadata cannot be read fails before model work
+    selected = parse_layers(options.layers, checkpoint.num_layers)
+    retain = read_artifact(retain_profile, PROFILE_FORMAT)
+    if retain.metadata.get("split") != "retain":
+        raise ArtifactError(f"{retain_profile} is a {retain.metadata.get('split')} profile; expected a retain profile")
+    torch_device = select_device(options.device)
+    torch_dtype = select_dtype(options.dtype, torch_device, checkpoint.config)
+    return ProgressivePlan(
+        model=model,
+        checkpoint=checkpoint,
+        forget_data=forget_data,
+        samples=samples,
+        retain=retain,
+        layers=selected,
+        out=out,
+        exposure_path=exposure_path,
+        options=options,
+        device=str(torch_device),
+        dtype=str(torch_dtype).removeprefix("torch."),
+        attached=attached,
+    )
 
 
 def run_progressive(
@@ -63,6 +159,7 @@ def run_progressive(
     options: ApplyOptions,
     *,
     exposure_out: Path | None = None,
+    eval_report: Path | None = None,
     tracker: Tracker | None = None,
 ) -> ApplyResult:
     """Algorithm 1: per forget batch, forward the current model, compute ``A_b``, weaken.
@@ -71,31 +168,40 @@ def run_progressive(
     working weights are derived from the original ones at every step, ``W_0 * exp(-gamma * E)``,
     so rounding to the model's dtype never compounds. The exposure applied is written beside the
     checkpoint in the accessor format (``<out>.exposure.safetensors`` unless ``exposure_out`` is given),
-    so one-shot and progressive runs compare file to file.
+    so one-shot and progressive runs compare file to file. ``eval_report`` goes into the card
+    (:func:`kvwctl.apply.run_apply` says which reports fit).
     """
+    plan = plan_progressive(
+        model, forget_data, retain_profile, out, options, exposure_out=exposure_out, eval_report=eval_report
+    )
+    return execute_progressive(plan, tracker=tracker)
+
+
+def execute_progressive(plan: ProgressivePlan, *, tracker: Tracker | None = None) -> ApplyResult:
+    """The work of a planned progressive apply: fingerprint, Algorithm 1, both outputs."""
     import torch
 
-    from kvwctl.modeling import CoefficientCollector, encode_batch, load_model, render_all, select_device, select_dtype
+    from kvwctl.modeling import CoefficientCollector, encode_batch, load_model, render_all
 
+    options, checkpoint, samples, retain, selected = (
+        plan.options,
+        plan.checkpoint,
+        plan.samples,
+        plan.retain,
+        plan.layers,
+    )
     gamma, batch_size, force = options.gamma, options.batch_size, options.force
+    forget_data, retain_profile, out, exposure_path = plan.forget_data, plan.retain.path, plan.out, plan.exposure_path
     tracker = tracker or NullTracker()
-    checkpoint = open_checkpoint(resolve_model(model.reference, model.revision))
-    samples = load_samples(forget_data)
-    exposure_path = exposure_out or out.parent / f"{out.name}.{EXPOSURE_FILE}"
-    images = [image for sample in samples for image in sample.images]
-    inputs = [*checkpoint.input_paths, forget_data, *images, retain_profile]
-    check_outputs(files=[exposure_path], directories=[out], inputs=inputs, force=force)
-    selected = parse_layers(options.layers, checkpoint.num_layers)
-    retain = read_artifact(retain_profile, PROFILE_FORMAT)
-    if retain.metadata.get("split") != "retain":
-        raise ArtifactError(f"{retain_profile} is a {retain.metadata.get('split')} profile; expected a retain profile")
+    redactor = Redactor.create(enabled=options.redact)
     fingerprint = checkpoint.fingerprint()
     check_fits_model(retain, checkpoint, fingerprint)
     positions = retain.metadata["positions"]
 
-    torch_device = select_device(options.device)
-    torch_dtype = select_dtype(options.dtype, torch_device, checkpoint.config)
-    loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
+    torch_device = torch.device(plan.device)
+    torch_dtype = getattr(torch, plan.dtype)
+    with tracker.status(f"Loading {plan.model.reference}"):
+        loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
     rendered = render_all(loaded.renderer, samples)
     retain_by_layer = [coefficient.to(torch_device) for coefficient in retain_coefficients(retain)]
     modules = loaded.down_projections
@@ -105,7 +211,8 @@ def run_progressive(
     axis = checkpoint.architecture.vector_axis
     batches = batch_ranges(len(rendered), batch_size)
     with CoefficientCollector(modules) as collector:
-        for batch in tracker.track(batches, total=len(batches), description="progressive"):
+        progress = tracker.track(batches, total=len(rendered), description="progressive", unit="samples", size=len)
+        for batch in progress:
             encoded = encode_batch(loaded, rendered[batch.start : batch.stop], positions=positions)
             sums, counts = collector.run(loaded, encoded)
             for layer, layer_sums in enumerate(sums):
@@ -130,25 +237,26 @@ def run_progressive(
         retain,
         mode="progressive",
         batches=batches,
-        sample_ids=json.dumps([sample.id for sample in samples]),
+        sample_ids=json.dumps(redactor.ids([sample.id for sample in samples])),
         gamma=repr(gamma),
         applied_layers=json.dumps(selected),
-        forget_data=str(forget_data),
+        forget_data=redactor.text(str(forget_data)),
         forget_data_sha256=file_sha256(forget_data),
-        retain_profile=str(retain_profile),
+        retain_profile=redactor.text(str(retain_profile)),
         retain_profile_sha256=file_sha256(retain_profile),
+        **redactor.metadata(),
     )
     provenance: dict[str, Any] = {
         "mode": "progressive",
         "progressive": {
-            "forget_data": recorded_path(forget_data, out),
+            "forget_data": redactor.text(recorded_path(forget_data, out)),
             "forget_data_sha256": metadata["forget_data_sha256"],
-            "retain_profile": recorded_path(retain_profile, out),
+            "retain_profile": redactor.text(recorded_path(retain_profile, out)),
             "retain_profile_sha256": metadata["retain_profile_sha256"],
             "batch_size": batch_size,
             "num_batches": len(batches),
             "positions": positions,
-            "exposure_file": recorded_path(exposure_path, out),
+            "exposure_file": redactor.text(recorded_path(exposure_path, out)),
             "layer_summary": [vars(summary) for summary in summarize_exposures(exposures)],
         },
     }
@@ -174,5 +282,7 @@ def run_progressive(
             provenance=provenance,
             tracker=tracker,
             outputs=outputs,
+            attached=plan.attached,
+            redaction=redactor.record(),
         )
     return result

@@ -7,11 +7,13 @@ Code reads the typed fields; ``to_json`` gives the file, key order included (it 
 timestamps, so the same inputs give the same bytes). A metric with a NaN or infinite value has a
 null mean and is listed in ``non_finite`` as ``role.split.metric``; the file never holds NaN. Format 2 renamed format 1's ``gates`` to
 ``requirements`` and each outcome's ``gate`` key to ``requirement``; nothing else changed.
+A redacted report (``--redact``) ends with ``"redacted": true`` and ``redaction`` (the scheme), and
+its ``data.<split>.path`` values are keyed hashes.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kvwctl import __version__
@@ -78,6 +80,7 @@ class EvalReport:
     results: Results  # role -> split -> metric -> summary
     requirements: list[RequirementOutcome]
     samples_sha256: str  # of the per-sample JSON Lines file
+    redaction: dict[str, Any] = field(default_factory=dict)  # {"redacted": true, "redaction": scheme} or {}
     metrics: tuple[str, ...] = METRICS
     tool_version: str = __version__
 
@@ -114,4 +117,5 @@ class EvalReport:
             "non_finite": self.non_finite,
             "requirements": [outcome.to_json() for outcome in self.requirements],
             "samples_sha256": self.samples_sha256,
+            **self.redaction,
         }

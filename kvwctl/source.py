@@ -1,8 +1,8 @@
 """Where a checkpoint comes from: a local directory as it is, or a Hub id resolved to a snapshot.
 
 A Hub id is resolved with ``huggingface_hub.snapshot_download`` (safetensors, JSON, tokenizer and
-template files only), which honours ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE`` and the cache; the
-resolved commit is recorded in every output. A name that can only be a local path
+template files, license files and the model card only), which honours ``HF_HUB_OFFLINE``,
+``HF_HUB_CACHE`` and the cache; the resolved commit is recorded in every output. A name that can only be a local path
 (``./x``, ``/x``, ``kvw-run/unlearned`` when ``kvw-run`` exists) and does not exist is an error
 saying so, never a Hub lookup.
 
@@ -25,6 +25,12 @@ HUB_ALLOW_PATTERNS = [
     "*.txt",
     "*.tiktoken",
     "tokenizer*",
+    # The base's license terms, carried into every output (kvwctl.card.is_license_file), and its
+    # card, read for its license fields only: the output gets a card of its own.
+    *(f"{name}*" for name in ("LICENSE", "LICENCE", "COPYING", "NOTICE", "USE_POLICY")),
+    *(f"{name}*" for name in ("License", "license", "Licence", "licence", "Copying", "copying")),
+    *(f"{name}*" for name in ("Notice", "notice", "Use_Policy", "use_policy")),
+    "README.md",
 ]
 
 

@@ -1,4 +1,4 @@
-"""The Rich tables the CLI prints on stderr after ``accessor``, ``apply`` and ``eval``.
+"""The Rich tables the CLI prints on stderr after ``accessor``, ``apply`` and ``eval`` (and ``--dry-run``).
 
     console.show(eval_table(result.report))
 
@@ -91,6 +91,39 @@ def eval_table(report: EvalReport) -> Table:
             row += [ratio(results[role][split][metric], results["baseline"][split][metric]) for role in ratios]
             table.add_row(*row)
         table.add_section()
+    return table
+
+
+def plan_table(facts: Mapping[str, Any]) -> Table:
+    """A dry run's plan (``kvwctl.plans``): one row per fact, nested facts as ``key.sub``, lists joined.
+
+    Outputs get a row each: the path, its kind, and whether it exists and would be replaced.
+    """
+    table = Table(
+        title=f"dry run: {facts.get('command')}", show_header=False, title_justify="left", box=None, pad_edge=False
+    )
+
+    def add(key: str, value: Any) -> None:
+        if isinstance(value, Mapping) and value and key != "shards":
+            for name, item in value.items():
+                add(f"{key}.{name}" if key else str(name), item)
+        elif isinstance(value, Mapping):  # shard -> bytes
+            shown = ", ".join(f"{name} ({size:,} B)" for name, size in value.items())
+            table.add_row(Text(f"  {key}"), Text(shown or "-"))
+        elif isinstance(value, list | tuple):
+            table.add_row(Text(f"  {key}"), Text(", ".join(str(item) for item in value) or "-"))
+        elif value is not None:
+            table.add_row(Text(f"  {key}"), Text(str(value)))  # paths are text, never markup
+
+    for key, value in facts.items():
+        if key == "command":
+            continue
+        if key == "outputs":
+            for output in value:
+                state = "replaced (--force)" if output["replaced"] else "exists" if output["exists"] else "new"
+                table.add_row(Text(f"  output {output['kind']}"), Text(f"{output['path']} ({state})"))
+        else:
+            add(key, value)
     return table
 
 

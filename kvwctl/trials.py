@@ -19,11 +19,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from kvwctl.console import Tracker
 from kvwctl.errors import ModelError
 from kvwctl.evaluate import RenderedSplit, answer_scores_and_choices, generate_answers, score_conversations
 from kvwctl.method import gates, scale_vectors
 from kvwctl.metrics import MetricSummary, keyword_accuracy, keyword_targets, rouge_l, summarize
+from kvwctl.progress import Tracker
 
 if TYPE_CHECKING:
     import torch

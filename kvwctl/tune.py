@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 
 from kvwctl.artifacts import PROFILE_FORMAT, read_artifact, retain_coefficients
 from kvwctl.checkpoint import Checkpoint, open_checkpoint
-from kvwctl.console import NullTracker, Tracker
 from kvwctl.data import load_samples
 from kvwctl.errors import ArtifactError, KvwError, UsageError
 from kvwctl.evaluate import EvalSplit, RenderedSplit, load_split, render_split
@@ -52,6 +51,7 @@ from kvwctl.metrics import Results
 from kvwctl.modeling import LoadedModel, load_model, select_device, select_dtype
 from kvwctl.options import ProfileOptions, TuneOptions
 from kvwctl.outputs import check_outputs
+from kvwctl.progress import NullTracker, Tracker
 from kvwctl.requirements import (
     Requirement,
     check_requirements,
@@ -159,18 +159,31 @@ def run_tune(
 ) -> TuneResult:
     """Search, screen, generate, select and write ``inputs.out`` (see the module docstring); with
     ``apply_out``, write the chosen trial's checkpoint there through ``kvwctl apply``."""
-    tuner = _Tuner(inputs, options, tracker or NullTracker(), apply_out=apply_out)
-    result = tuner.run()
+    return execute_tune(plan_tune(inputs, options, apply_out=apply_out), tracker=tracker)
+
+
+def plan_tune(inputs: TuneInputs, options: TuneOptions, *, apply_out: Path | None = None) -> TunePlan:
+    """Every check a tune makes before reading a weight (``--dry-run`` stops here)."""
+    return TunePlan(inputs, options, apply_out=apply_out)
+
+
+def execute_tune(tuner: TunePlan, *, tracker: Tracker | None = None) -> TuneResult:
+    """The model work of a planned tune, and ``--apply``."""
+    apply_out = tuner.apply_out
+    result = tuner.run(tracker or NullTracker())
     if apply_out is None or result.chosen is None:
         return result
     return replace(result, applied=tuner.apply(result.chosen, apply_out))
 
 
-class _Tuner:
+class TunePlan:
     """One tune run: the checks first, then the model work, then the report."""
 
-    def __init__(self, inputs: TuneInputs, options: TuneOptions, tracker: Tracker, *, apply_out: Path | None) -> None:
-        self.inputs, self.options, self.tracker, self.apply_out = inputs, options, tracker, apply_out
+    command = "tune"
+
+    def __init__(self, inputs: TuneInputs, options: TuneOptions, *, apply_out: Path | None) -> None:
+        self.inputs, self.options, self.apply_out = inputs, options, apply_out
+        self.tracker: Tracker = NullTracker()
         self.requirements: list[Requirement] = [parse_requirement(text) for text in options.require]
         self.objective: Objective = parse_objective(options.minimize, options.closest)
         roles = ["model", "baseline", *(["reference"] if inputs.reference else [])]
@@ -206,7 +219,6 @@ class _Tuner:
         )
         self.log_path = log_path_for(inputs.out)
         self._check_outputs()
-        self.fingerprint = self.checkpoint.fingerprint()
         self.device = select_device(options.device)
         self.dtype = select_dtype(options.dtype, self.device, self.checkpoint.config)
         self.recorded_settings: dict[str, Any] = {
@@ -223,15 +235,34 @@ class _Tuner:
             "forget": {"path": str(inputs.forget_data), "sha256": file_sha256(inputs.forget_data)},
             "eval": {name: split.describe().to_json() for name, split in self.evaluated.items()},
         }
-        self.digest = inputs_digest(
-            {
-                "model": self.fingerprint,
-                "reference": self.reference.fingerprint() if self.reference else None,
-                "data": self.data_info,
-                "trials": [item.to_json() for item in self.settings],
-                "settings": self.recorded_settings,
-            }
-        )
+
+    def facts(self) -> dict[str, Any]:
+        """What a dry run prints (``kvwctl.plans``)."""
+        from kvwctl.plans import checkpoint_facts, output_facts
+
+        force = self.options.force or self.options.resume
+        outputs = [
+            output_facts(self.inputs.out, "tune report", force=force),
+            output_facts(self.log_path, "trial log", force=self.options.force),
+        ]
+        if self.apply_out is not None:
+            outputs.append(output_facts(self.apply_out, "checkpoint", force=self.options.force))
+        return {
+            "command": self.command,
+            "model": checkpoint_facts(self.checkpoint),
+            "reference": checkpoint_facts(self.reference) if self.reference else None,
+            "data": self.data_info,
+            "trials": len(self.settings),
+            "space": {
+                "positions": self.modes,
+                "forget_batch_size": [size or "all" for size in self.sizes],
+                "layers": list(dict.fromkeys(item.layers for item in self.settings)),
+                **{key.removesuffix("s"): values for key, values in self.strengths.items()},
+            },
+            "selection": {"requirements": list(self.options.require), "objective": self.objective.text},
+            "settings": self.recorded_settings,
+            "outputs": outputs,
+        }
 
     def _check_outputs(self) -> None:
         inputs, options = self.inputs, self.options
@@ -267,18 +298,31 @@ class _Tuner:
 
     # --- the run ---------------------------------------------------------------------------------
 
-    def run(self) -> TuneResult:
+    def run(self, tracker: Tracker) -> TuneResult:
         from kvwctl.tunereport import tune_report
 
-        self.log = TrialLog(self.log_path, self.digest, resume=self.options.resume, force=self.options.force)
+        self.tracker = tracker
+        self.fingerprint = self.checkpoint.fingerprint()
+        digest = inputs_digest(
+            {
+                "model": self.fingerprint,
+                "reference": self.reference.fingerprint() if self.reference else None,
+                "data": self.data_info,
+                "trials": [item.to_json() for item in self.settings],
+                "settings": self.recorded_settings,
+            }
+        )
+        self.log = TrialLog(self.log_path, digest, resume=self.options.resume, force=self.options.force)
         try:
             if self.reference is not None and "reference" not in self.log.done:
                 dtype = select_dtype(self.options.dtype, self.device, self.reference.config)
-                reference = load_model(self.reference, device=self.device, dtype=dtype)
+                with tracker.status(f"Loading {self.reference.source.reference}"):
+                    reference = load_model(self.reference, device=self.device, dtype=dtype)
                 self.log.write("reference", self._score_whole_model(reference, "reference"))
                 del reference
                 gc.collect()
-            loaded = load_model(self.checkpoint, device=self.device, dtype=self.dtype)
+            with tracker.status(f"Loading {self.checkpoint.source.reference}"):
+                loaded = load_model(self.checkpoint, device=self.device, dtype=self.dtype)
             self.exposures = self._exposures(loaded)
             self.prepared = {name: render_split(loaded.renderer, split) for name, split in self.evaluated.items()}
             if "baseline" not in self.log.done:
@@ -388,7 +432,7 @@ class _Tuner:
 
     def _screen(self) -> None:
         pending = [t for t in self.trials if t.problem is None and f"screen {t.number}" not in self.log.done]
-        for trial in self.tracker.track(pending, total=len(pending), description="tune: screen"):
+        for trial in self.tracker.track(pending, total=len(pending), description="tune: screen", unit="trials"):
             with self._weakened(trial):
                 values = {
                     name: screen_values(

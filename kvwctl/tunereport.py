@@ -28,7 +28,7 @@ from kvwctl.trials import summaries_json
 
 if TYPE_CHECKING:
     from kvwctl.checkpoint import Checkpoint
-    from kvwctl.tune import _Tuner
+    from kvwctl.tune import TunePlan
 
 TUNE_FORMAT = "kvwctl.tune/1"
 
@@ -44,7 +44,7 @@ def _model(checkpoint: Checkpoint | None) -> dict[str, Any] | None:
 
 
 def tune_report(
-    tuner: _Tuner, *, front: Sequence[int], generated: Sequence[int], choices: Sequence[Choice]
+    tuner: TunePlan, *, front: Sequence[int], generated: Sequence[int], choices: Sequence[Choice]
 ) -> dict[str, Any]:
     from kvwctl.tune import profile_path
 

@@ -24,7 +24,8 @@ of a progressive run, which is in the accessor format):
    ``progressive.exposure_sha256``, and it was made from ``M``.
 6. ``M`` is the input: its fingerprint is ``input_model.fingerprint``, its shards' sha256 are
    ``input_shards``, its own manifest (if any) is ``previous_manifest``, and every other file
-   (tokenizer, configs, templates) is carried over byte for byte.
+   (tokenizer, configs, templates, license files) is carried over byte for byte; ``README.md``
+   is not compared: it is the card kvwctl wrote in place of the base's (:mod:`kvwctl.card`).
 7. Tensor by tensor, one shard at a time (``safe_open``; never the whole model in memory): every
    tensor that is not an edited down projection is byte-identical to ``M``'s tensor of the same
    name, and every edited one is byte-identical to ``scale_vectors(W_M, gates(E, gamma))`` with
@@ -32,8 +33,14 @@ of a progressive run, which is in the accessor format):
    may differ in the last bit between devices or torch versions: the error says which were used).
    ``per_layer``'s gate statistics are recomputed from the same gates.
 
-:func:`expected_weight` and :func:`tensor_mismatch` are the pure layer; :func:`run_verify` the
-entry point.
+A **redacted** manifest (``"redacted": true``, ``--redact``) records its input paths as keyed
+hashes; no check above reads a path (inputs are matched by sha256 and fingerprint), so a redacted
+checkpoint is verified exactly as any other, and the result says it was redacted. The paths
+recorded there are for people, not for verify: with redaction, the accessor to pass to
+``--base`` must be known some other way (its sha256 is still checked).
+
+:func:`expected_weight` and :func:`tensor_mismatch` are the pure layer; :func:`plan_verify` makes the
+checks that read no weight (``--dry-run``), :func:`run_verify` is the entry point.
 """
 
 from __future__ import annotations
@@ -47,13 +54,15 @@ from typing import TYPE_CHECKING, Any
 
 from kvwctl import __version__
 from kvwctl.artifacts import ACCESSOR_FORMAT, check_fits_model, read_artifact
+from kvwctl.card import CARD_FILE
 from kvwctl.checkpoint import FOREIGN_WEIGHT_SUFFIXES, MANIFEST_FILE, MANIFEST_FORMAT, Checkpoint, open_checkpoint
-from kvwctl.console import NullTracker, Tracker
 from kvwctl.errors import ArtifactError, UsageError, VerificationError
 from kvwctl.files import file_sha256
 from kvwctl.method import gates, scale_vectors
 from kvwctl.options import VerifyOptions
 from kvwctl.outputs import is_plain_relative
+from kvwctl.plans import checkpoint_facts
+from kvwctl.progress import NullTracker, Tracker
 from kvwctl.source import ModelSource, ModelSpec, resolve_model
 
 if TYPE_CHECKING:
@@ -159,6 +168,8 @@ def check_manifest(manifest: Any, where: str) -> None:
         raise fail("output_fingerprint is missing")
     if not isinstance(manifest.get("previous_manifest"), dict | None):
         raise fail("previous_manifest is neither an object nor null")
+    if not isinstance(manifest.get("redacted", False), bool):
+        raise fail(f"redacted {manifest.get('redacted')!r} is neither true nor false")
 
 
 def check_chain(manifest: dict[str, Any]) -> int:
@@ -183,6 +194,71 @@ def check_chain(manifest: dict[str, Any]) -> int:
 # --- the entry point -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class VerifyPlan:
+    """A verify run resolved and checked without hashing: the manifest, its shards' presence, the base."""
+
+    checkpoint_dir: Path
+    manifest: dict[str, Any]
+    chain: int
+    base: Checkpoint | None
+    accessor: Path | None
+    options: VerifyOptions
+    command: str = "verify"
+
+    @property
+    def redacted(self) -> bool:
+        return self.manifest.get("redacted") is True
+
+    def facts(self) -> dict[str, Any]:
+        """What a dry run prints (``kvwctl.plans``): what would be hashed and compared."""
+        shards = {name: (self.checkpoint_dir / name).stat().st_size for name in self.manifest["shards"]}
+        return {
+            "command": self.command,
+            "checkpoint": str(self.checkpoint_dir),
+            "mode": self.manifest["mode"],
+            "layers": self.manifest["layers"],
+            "shards": shards,
+            "shard_bytes": sum(shards.values()),
+            "previous_manifests": self.chain,
+            "redacted": self.redacted,
+            "base": checkpoint_facts(self.base) if self.base is not None else None,
+            "accessor": str(self.accessor) if self.accessor is not None else None,
+            "settings": {"device": self.options.device or self.manifest.get("device", "cpu")},
+            "outputs": [],
+        }
+
+
+def plan_verify(
+    checkpoint_dir: Path, options: VerifyOptions, *, base: ModelSpec | None, accessor: Path | None
+) -> VerifyPlan:
+    """The checks of ``run_verify`` that read no weight: the manifest, the chain, files present, the base."""
+    if (base is None) != (accessor is None):
+        raise UsageError("--base and --accessor go together")
+    manifest = read_manifest(checkpoint_dir)
+    for name in manifest["shards"]:
+        if not (checkpoint_dir / name).is_file():
+            raise VerificationError(f"shard {name}: missing; {MANIFEST_FILE} lists it")
+    for path in sorted(checkpoint_dir.rglob("*")):
+        name = path.relative_to(checkpoint_dir).as_posix()
+        if path.name.endswith(WEIGHT_SUFFIXES) and name not in manifest["shards"]:
+            raise VerificationError(f"{name}: a weight file that {MANIFEST_FILE} does not list")
+    chain = check_chain(manifest)
+    checkpoint = None
+    if base is not None and accessor is not None:
+        if not accessor.is_file():
+            raise ArtifactError(f"{accessor} does not exist")
+        checkpoint = open_checkpoint(resolve_model(base.reference, base.revision))
+    return VerifyPlan(
+        checkpoint_dir=checkpoint_dir,
+        manifest=manifest,
+        chain=chain,
+        base=checkpoint,
+        accessor=accessor,
+        options=options,
+    )
+
+
 def run_verify(
     checkpoint_dir: Path,
     options: VerifyOptions,
@@ -192,21 +268,22 @@ def run_verify(
     tracker: Tracker | None = None,
 ) -> VerifyResult:
     """Check ``checkpoint_dir`` against its manifest and, with ``base`` and ``accessor``, its edit."""
+    return execute_verify(plan_verify(checkpoint_dir, options, base=base, accessor=accessor), tracker=tracker)
+
+
+def execute_verify(plan: VerifyPlan, *, tracker: Tracker | None = None) -> VerifyResult:
+    """The checks of a planned verify that hash and compare (1 to 7 of the module docstring)."""
     tracker = tracker or NullTracker()
-    manifest = _read_manifest(checkpoint_dir)
+    checkpoint_dir, manifest = plan.checkpoint_dir, plan.manifest
     checks = ["manifest well-formed"]
+    if plan.redacted:
+        # Nothing below reads a recorded path or id: inputs are matched by sha256 and fingerprint.
+        checks.append("redacted manifest: input paths are keyed hashes (not used by any check)")
     shards: dict[str, str] = manifest["shards"]
-    for name, digest in tracker.track(shards.items(), total=len(shards), description="hash shards"):
-        path = checkpoint_dir / name
-        if not path.is_file():
-            raise VerificationError(f"shard {name}: missing; {MANIFEST_FILE} lists it")
-        found = file_sha256(path)
+    for name, digest in tracker.track(shards.items(), total=len(shards), description="hash shards", unit="shards"):
+        found = file_sha256(checkpoint_dir / name)
         if found != digest:
             raise VerificationError(f"shard {name}: sha256 {found}, {MANIFEST_FILE} says {digest}")
-    for path in sorted(checkpoint_dir.rglob("*")):
-        name = path.relative_to(checkpoint_dir).as_posix()
-        if path.name.endswith(WEIGHT_SUFFIXES) and name not in shards:
-            raise VerificationError(f"{name}: a weight file that {MANIFEST_FILE} does not list")
     checks.append(f"{len(shards)} shards: sha256, no missing or extra weight file")
     output = open_checkpoint(ModelSource(checkpoint_dir, str(checkpoint_dir), None))
     if set(output.shards) != set(shards):
@@ -224,19 +301,17 @@ def run_verify(
                 f"{MANIFEST_FILE}: per_layer.{layer}.tensor {recorded!r} is not a down projection of the checkpoint"
             )
     checks += ["index lists the manifest's shards", "output fingerprint", "per_layer names the edited down projections"]
-    chain = check_chain(manifest)
-    checks.append(f"{chain} previous manifests well-formed and linked")
+    checks.append(f"{plan.chain} previous manifests well-formed and linked")
     result = VerifyResult(
-        path=checkpoint_dir, mode=manifest["mode"], shards=len(shards), chain=chain, checks=tuple(checks)
+        path=checkpoint_dir, mode=manifest["mode"], shards=len(shards), chain=plan.chain, checks=tuple(checks)
     )
-    if base is None and accessor is None:
+    if plan.base is None or plan.accessor is None:
         return result
-    if base is None or accessor is None:
-        raise UsageError("--base and --accessor go together")
-    return _verify_edit(output, manifest, result, base, accessor, options, tracker)
+    return _verify_edit(output, manifest, result, plan.base, plan.accessor, plan.options, tracker)
 
 
-def _read_manifest(checkpoint_dir: Path) -> dict[str, Any]:
+def read_manifest(checkpoint_dir: Path) -> dict[str, Any]:
+    """``checkpoint_dir/kvw_manifest.json``, checked as :func:`check_manifest` (check 1)."""
     if not checkpoint_dir.is_dir():
         raise VerificationError(
             f"{checkpoint_dir} is not a directory", hint="pass the checkpoint directory apply wrote"
@@ -266,7 +341,7 @@ def _verify_edit(
     output: Checkpoint,
     manifest: dict[str, Any],
     result: VerifyResult,
-    base: ModelSpec,
+    checkpoint: Checkpoint,
     accessor: Path,
     options: VerifyOptions,
     tracker: Tracker,
@@ -281,19 +356,16 @@ def _verify_edit(
     key = "accessor.sha256"
     if manifest["mode"] == "progressive":
         recorded, key = manifest["progressive"].get("exposure_sha256"), "progressive.exposure_sha256"
-    if not accessor.is_file():
-        raise ArtifactError(f"{accessor} does not exist")
     found = file_sha256(accessor)
     if recorded is None:
         raise VerificationError(f"{MANIFEST_FILE} records no {key}; the accessor cannot be checked against it")
     if found != recorded:
         raise VerificationError(f"accessor {accessor}: sha256 {found}, {MANIFEST_FILE} {key} says {recorded}")
-    source = resolve_model(base.reference, base.revision)
-    checkpoint = open_checkpoint(source)
+    base_reference = checkpoint.source.reference
     base_fingerprint = checkpoint.fingerprint()
     if base_fingerprint != manifest["input_model"]["fingerprint"]:
         raise VerificationError(
-            f"base {base.reference}: fingerprint {base_fingerprint}, {MANIFEST_FILE} input_model.fingerprint says "
+            f"base {base_reference}: fingerprint {base_fingerprint}, {MANIFEST_FILE} input_model.fingerprint says "
             f"{manifest['input_model']['fingerprint']}",
             hint=f"pass the model the checkpoint was made from ({manifest['input_model'].get('reference')})",
         )
@@ -302,7 +374,7 @@ def _verify_edit(
     checks += [f"accessor sha256 ({key})", "base fingerprint"]
     if set(checkpoint.shards) != set(output.shards):
         raise VerificationError(
-            f"base {base.reference} has shards {list(checkpoint.shards)}; the checkpoint has {list(output.shards)}"
+            f"base {base_reference} has shards {list(checkpoint.shards)}; the checkpoint has {list(output.shards)}"
         )
     for name, digest in manifest.get("input_shards", {}).items():
         found = file_sha256(checkpoint.path / name) if name in checkpoint.shards else "none (no such shard)"
@@ -325,7 +397,7 @@ def _verify_edit(
                 f"the base has {checkpoint.num_vectors(layer)} knowledge vectors"
             )
     compared, recomputed_gates = 0, {}  # every edited layer's gates, for the statistics
-    for shard in tracker.track(output.shards, total=len(output.shards), description="compare tensors"):
+    for shard in tracker.track(output.shards, total=len(output.shards), description="compare tensors", unit="shards"):
         with (
             safe_open(str(output.path / shard), framework="pt") as actual,
             safe_open(str(checkpoint.path / shard), framework="pt") as original,
@@ -361,7 +433,7 @@ def _verify_edit(
     return replace(
         result,
         checks=tuple(checks),
-        base=base.reference,
+        base=base_reference,
         tensors_compared=compared,
         tensors_edited=len(edited),
         files_compared=files_compared,
@@ -369,7 +441,8 @@ def _verify_edit(
 
 
 def _compare_other_files(output: Checkpoint, base: Checkpoint, manifest: dict[str, Any]) -> int:
-    """Every non-weight file of the output equals the base's; the base's own manifest is the previous one."""
+    """Every non-weight file of the output but its card (README.md) equals the base's; the base's own
+    manifest is the previous one."""
     previous = base.path / MANIFEST_FILE
     try:
         recorded = json.loads(previous.read_text(encoding="utf-8")) if previous.is_file() else None
@@ -384,7 +457,7 @@ def _compare_other_files(output: Checkpoint, base: Checkpoint, manifest: dict[st
             relative = path.relative_to(checkpoint.path)
             if path.is_file() and not relative.parts[0].startswith(".") and not path.name.endswith(WEIGHT_SUFFIXES):
                 names.add(relative.as_posix())
-        return names - {MANIFEST_FILE}
+        return names - {MANIFEST_FILE, CARD_FILE}  # the card is kvwctl's own, rewritten by kvwctl card
 
     carried, original = others(output), others(base)
     if carried != original:

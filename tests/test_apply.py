@@ -106,10 +106,10 @@ def test_apply_byte_for_byte(
     for shard in checkpoint.shards:
         assert read_safetensors_header(source / shard) == read_safetensors_header(out / shard)
 
-    # Every other file is carried over byte for byte; the manifest is the only new one.
+    # Every other file is carried over byte for byte; the manifest and the card are the only new ones.
     source_files = {path.name for path in source.iterdir()}
     out_files = {path.name for path in out.iterdir()}
-    assert out_files == source_files | {MANIFEST_FILE}
+    assert out_files == source_files | {MANIFEST_FILE, "README.md"}
     for name in source_files - set(checkpoint.shards):
         assert (source / name).read_bytes() == (out / name).read_bytes(), name
 

@@ -350,7 +350,7 @@ def test_interrupt_exits_130(
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(kvwctl.accessor, "run_accessor", interrupted)
+    monkeypatch.setattr(kvwctl.accessor, "execute_accessor", interrupted)
     result = invoke(
         "accessor", "--forget", profiles["qwen2-forget"], "--retain", profiles["qwen2-retain"], "--out", tmp_path / "a"
     )
@@ -475,7 +475,7 @@ def test_interrupt_wrapped_in_another_exception_exits_130(
         except KeyboardInterrupt:
             raise OSError("read interrupted") from None  # the interrupt stays in __context__
 
-    monkeypatch.setattr(kvwctl.accessor, "run_accessor", interrupted_inside_a_library)
+    monkeypatch.setattr(kvwctl.accessor, "execute_accessor", interrupted_inside_a_library)
     result = invoke(
         "accessor", "--forget", profiles["qwen2-forget"], "--retain", profiles["qwen2-retain"], "--out", tmp_path / "a"
     )

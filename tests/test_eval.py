@@ -19,7 +19,6 @@ from typer.testing import CliRunner, Result
 
 from kvwctl.checkpoint import open_checkpoint
 from kvwctl.cli import app
-from kvwctl.console import NullTracker
 from kvwctl.conversation import ChatRenderer
 from kvwctl.data import Sample, load_image, load_samples
 from kvwctl.evaluate import default_samples_path, generate_answers, run_eval
@@ -27,6 +26,7 @@ from kvwctl.files import file_sha256
 from kvwctl.metrics import METRICS, keyword_accuracy, rouge_l, summarize
 from kvwctl.modeling import LoadedModel, encode_prompts, load_model
 from kvwctl.options import EvalOptions
+from kvwctl.progress import NullTracker
 from kvwctl.report import EVAL_FORMAT
 from kvwctl.source import ModelSpec, resolve_model
 from kvwctl.testing import build_checkpoint

@@ -24,13 +24,13 @@ from typer.testing import Result
 from kvwctl.accessor import run_accessor
 from kvwctl.apply import write_weakened_checkpoint
 from kvwctl.checkpoint import open_checkpoint
-from kvwctl.console import NullTracker
 from kvwctl.errors import UsageError
 from kvwctl.files import write_json_atomically
 from kvwctl.method import FLOAT32_MAX, check_gamma
 from kvwctl.metrics import MetricSummary, summarize
 from kvwctl.options import AccessorOptions, ApplyOptions, ProfileOptions
 from kvwctl.profile import run_profile
+from kvwctl.progress import NullTracker
 from kvwctl.requirements import check_requirements, parse_requirement
 from kvwctl.source import ModelSpec, resolve_model
 

@@ -105,7 +105,8 @@ def test_bad_kvw_toml_values_are_input_errors_naming_the_file(tmp_path: Path, te
 def test_every_kvw_toml_key_has_one_type() -> None:
     keys = config_keys()
     assert set(keys) == {"positions", "batch_size", "device", "dtype", "forget_batch_size", "gamma", "layers"} | {
-        "max_new_tokens"
+        "max_new_tokens",
+        "redact",
     }
 
 

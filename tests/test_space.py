@@ -25,7 +25,16 @@ def test_gamma_and_mean_gate_ranges() -> None:
     ratios = [b / a for a, b in zip(values, values[1:], strict=False)]
     assert max(ratios) == pytest.approx(min(ratios), rel=1e-4)  # evenly spaced in log space
     assert space.gamma_values("0.1,0.3,0.1") == [0.1, 0.3]
-    assert space.mean_gate_values("0.995:0.6:8") == [0.995, 0.938571, 0.882143, 0.825714, 0.769286, 0.712857, 0.656429, 0.6]
+    assert space.mean_gate_values("0.995:0.6:8") == [
+        0.995,
+        0.938571,
+        0.882143,
+        0.825714,
+        0.769286,
+        0.712857,
+        0.656429,
+        0.6,
+    ]
     for bad in ("0", "-1", "a", "1:2", "1:2:0", "0:1:log3"):
         with pytest.raises(UsageError):
             space.gamma_values(bad)
@@ -77,7 +86,9 @@ def test_folds_keep_each_group_together_are_balanced_and_stable() -> None:
     shuffled = samples[:]
     random.Random(0).shuffle(shuffled)
     again = dict(zip((s.id for s in shuffled), folds.assign_folds(shuffled, 2, group_by="person"), strict=True))
-    assert again == {sample.id: fold for sample, fold in zip(samples, assigned, strict=True)}  # file order is irrelevant
+    assert again == {
+        sample.id: fold for sample, fold in zip(samples, assigned, strict=True)
+    }  # file order is irrelevant
     by_id = folds.assign_folds(samples, 2, group_by=None)
     assert sorted([by_id.count(1), by_id.count(2)]) == [35, 35]
     with pytest.raises(DataError, match="has no field 'city'"):
@@ -115,7 +126,9 @@ def test_eval_fold_evaluates_only_that_fold(checkpoints: dict[str, Path], tmp_pa
         )  # fmt: skip
         assert result.exit_code == 0, result.output
         reports[fold] = json.loads(out.read_text())
-        ids = [json.loads(line)["id"] for line in out.with_name(f"eval-{fold[0]}.samples.jsonl").read_text().splitlines()]
+        ids = [
+            json.loads(line)["id"] for line in out.with_name(f"eval-{fold[0]}.samples.jsonl").read_text().splitlines()
+        ]
         expected = folds.assign_folds(
             [Sample(id=str(r["id"]), question="", answer="", extra=r) for r in records], 2, group_by="person"
         )
