@@ -44,6 +44,7 @@ from kvwctl.options import (
     fill,
     help_text,
 )
+from kvwctl.progress import progress_interval
 
 if TYPE_CHECKING:
     from kvwctl.plans import Plan
@@ -121,6 +122,7 @@ def _register(function: F, *, name: str | None) -> F:
         with console.session(**flags) as session:
             try:
                 session.open_log(kwargs.get("log_file"))
+                progress_interval()  # a bad KVW_PROGRESS_INTERVAL is a usage error before any work
                 given = ", ".join(
                     f"{key}={'<hidden>' if key in SECRET_ARGUMENTS else value}"
                     for key, value in kwargs.items()

@@ -309,7 +309,8 @@ def stage_that_warns(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, list
         raise KvwError("the stage stopped here", hint="a hint for the log")
 
     handlers_during: dict[str, list[str]] = {}
-    monkeypatch.setattr("kvwctl.profile.run_profile", run_profile)
+    monkeypatch.setattr("kvwctl.profile.plan_profile", lambda *args, **kwargs: None)  # the CLI plans first
+    monkeypatch.setattr("kvwctl.profile.execute_profile", run_profile)
     before = {name: list(logging.getLogger(name).handlers) for name in ("kvwctl", "transformers", "py.warnings")}
     yield handlers_during
     # The command's handlers are gone afterwards, the libraries' own are back.
