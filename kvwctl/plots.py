@@ -21,6 +21,8 @@ What is drawn:
   number of knowledge vectors with ``E > 0``, the mean and max exposure, the layers of
   ``--layers`` shaded; and the histogram of the gates ``exp(-γ·E)`` (``method.gates``) over the
   vectors of those layers with ``E > 0`` (a vector with ``E = 0`` keeps gate 1 and is not edited).
+* **tune report** (``kvwctl.tune/1``): the screen, the selection and the chosen trial's layers
+  (:mod:`kvwctl.tuneplot`);
 * **eval report** (``kvwctl.eval/2``, and ``/1``): one panel per metric that matters
   (``keyword_acc``, ``answer_logprob``, ``mc_acc`` where a split has options, and any metric a
   requirement names), grouped bars per split with one bar per role (model, baseline, reference),
@@ -105,6 +107,8 @@ def default_out(path: Path) -> Path:
 
 def run_plot(path: Path, out: Path, options: PlotOptions, *, given: Collection[str] = ()) -> PlotResult:
     """Render ``path`` as a PNG at ``out``; ``given``: the option flags the user passed explicitly."""
+    import kvwctl.tuneplot  # noqa: F401  (registers the tune file's picture)
+
     format = file_format(path)
     if format not in PLOTTERS:
         known = ", ".join(sorted(PLOTTERS))

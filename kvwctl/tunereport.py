@@ -8,7 +8,9 @@ samples per fold), ``settings``, ``space`` (the axes searched), ``requirements``
 vectors with E > 0, the mean gate, whether it was generated, and its results), ``frontier`` and
 ``generated`` (trial numbers), ``selection`` (per fold: the trial chosen on it, or the closest,
 the constraints' outcomes there, and the results on the held-out folds) and ``chosen`` (the trial
-chosen on fold 1, or on all samples with one fold; null if none met the constraints).
+chosen on fold 1, or on all samples with one fold; null if none met the constraints) and
+``chosen_layers`` (per edited layer of that trial, or of the closest: vectors, those with E > 0,
+their mean E, mean and min gate).
 
 Results are ``{"all": R, "folds": {"1": R, ...}}`` with ``R`` as eval's report has them: split ->
 metric -> ``{"mean", "count"}``. A trial that was only screened has ``answer_logprob`` and
@@ -102,6 +104,7 @@ def tune_report(
         }
         for mode in tuner.modes
     }
+    shown = choices[0].trial if choices and choices[0].trial is not None else (choices[0].closest if choices else None)
     data = dict(tuner.data_info)
     data["fold_samples"] = {
         name: {str(fold): len(indices[name]) for fold, indices in tuner.fold_indices.items()}
@@ -125,4 +128,28 @@ def tune_report(
         "generated": list(generated),
         "selection": selection,
         "chosen": choices[0].trial if choices else None,
+        "chosen_layers": _layers(tuner, shown) if shown is not None else None,
     }
+
+
+def _layers(tuner: TunePlan, number: int) -> list[dict[str, Any]]:
+    """Per edited layer of trial ``number``: its vectors, those with E > 0, their mean E and mean gate."""
+    from kvwctl.method import gates
+
+    trial = tuner.trials[number]
+    exposures = tuner.exposures[trial.exposure_key]
+    rows = []
+    for layer in trial.layers:
+        exposed = exposures[layer][exposures[layer] > 0]
+        gate = gates(exposed, trial.gamma or 0.0)
+        rows.append(
+            {
+                "layer": layer,
+                "vectors": exposures[layer].numel(),
+                "exposed": exposed.numel(),
+                "mean_exposure": float(exposed.double().mean()) if exposed.numel() else 0.0,
+                "mean_gate": float(gate.double().mean()) if exposed.numel() else 1.0,
+                "min_gate": float(gate.min()) if exposed.numel() else 1.0,
+            }
+        )
+    return rows

@@ -187,3 +187,27 @@ def test_bad_spaces_are_usage_errors(checkpoints: dict[str, Path], text_data: di
     expect_error(_tune(checkpoints["qwen2"], text_data, out, "--layers", "0:99"), "out of range", 2)
     expect_error(_tune(checkpoints["qwen2"], text_data, out, "--group-by", "city"), "has no field 'city'")
     assert not out.exists() and not log_path_for(out).exists()
+
+
+def test_plot_of_a_tune_file_is_written_and_deterministic(
+    checkpoints: dict[str, Path], text_data: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "tune.json"
+    result = _tune(
+        checkpoints["qwen2"], text_data, out, "--gamma", "0.5,5", "--layers", "1:", "--folds", "1",
+        "--require", "retain.keyword_acc >= 0", "--generate-top", "2",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    layers = report["chosen_layers"]
+    assert (
+        layers[0]["layer"] == 1 and [row["layer"] for row in layers] == report["trials"][report["chosen"]]["layer_list"]
+    )
+    assert all(0 < row["mean_gate"] <= 1 and row["exposed"] <= row["vectors"] for row in layers)
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    for png in (first, second):
+        drawn = invoke("plot", out, "--out", png)
+        assert drawn.exit_code == 0, drawn.output
+    assert first.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and first.read_bytes() == second.read_bytes()
+    refused = invoke("plot", out, "--gamma", "1", "--out", tmp_path / "c.png")
+    expect_error(refused, "--gamma does not apply to a kvwctl.tune/1 file", 2)
