@@ -229,6 +229,8 @@ class TunePlan:
             "folds": options.folds,
             "group_by": options.group_by,
             "generate_top": options.generate_top,
+            "search": options.search,
+            **({"trials": options.trials, "seed": options.seed} if options.search == "optuna" else {}),
         }
         self.data_info: dict[str, Any] = {
             "retain": {"path": str(inputs.retain_data), "sha256": file_sha256(inputs.retain_data)},
@@ -329,8 +331,12 @@ class TunePlan:
                 self.log.write("baseline", self._score_whole_model(loaded, "baseline"))
             self.model = TrialModel(loaded)
             self.trials = [self._plan(number, item) for number, item in enumerate(self.settings)]
-            self._screen()
-            runnable = [trial.number for trial in self.trials if trial.problem is None]
+            if self.options.search == "optuna":
+                self.sampled = self._search_optuna()
+                runnable = sorted(set(self.sampled))
+            else:
+                self._screen([trial for trial in self.trials if trial.problem is None])
+                runnable = [trial.number for trial in self.trials if trial.problem is None]
             if needs_generation(self.requirements, self.objective):
                 losses = {
                     number: screen_losses(self.requirements, self.objective, self.results(number))
@@ -430,9 +436,66 @@ class TunePlan:
         assert trial.gamma is not None
         return self.model.weakened(self.exposures[trial.exposure_key], trial.gamma, trial.layers)
 
-    def _screen(self) -> None:
-        pending = [t for t in self.trials if t.problem is None and f"screen {t.number}" not in self.log.done]
-        for trial in self.tracker.track(pending, total=len(pending), description="tune: screen", unit="trials"):
+    def _search_optuna(self) -> list[int]:
+        """``--search optuna``: ``--trials`` settings sampled by TPE (seeded) on the screen's losses.
+
+        Each axis is a categorical distribution over its values; a sampled combination is a trial
+        of the grid, screened once (a repeat is told the same losses). The objectives are
+        :func:`kvwctl.selection.screen_losses`: the objective's proxy and each constraint's. The
+        sampler is replayed from the log on ``--resume``, so it proposes the same trials again.
+        Returns the trial numbers in the order sampled.
+        """
+        try:
+            import optuna
+        except ImportError:
+            raise KvwError(
+                "--search optuna needs optuna, which is not installed", hint="pip install 'kvwctl[tune]'"
+            ) from None
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        axes: dict[str, list[Any]] = {
+            "positions": list(self.modes),
+            "forget_batch_size": [size or 0 for size in self.sizes],
+            "layers": list(dict.fromkeys(item.layers for item in self.settings)),
+            "strength": next(iter(self.strengths.values())),
+        }
+        by_key = {
+            (
+                t.settings.positions,
+                t.settings.forget_batch_size or 0,
+                t.settings.layers,
+                t.settings.gamma or t.settings.mean_gate,
+            ): t
+            for t in self.trials
+        }
+        distributions: dict[str, optuna.distributions.BaseDistribution] = {
+            name: optuna.distributions.CategoricalDistribution(values) for name, values in axes.items()
+        }
+        losses_count = 1 + len(self.requirements)
+        sampler = optuna.samplers.TPESampler(seed=self.options.seed, n_startup_trials=min(8, self.options.trials))
+        study = optuna.create_study(directions=["minimize"] * losses_count, sampler=sampler)
+        sampled: list[int] = []
+        for _ in self.tracker.track(
+            range(self.options.trials), total=self.options.trials, description="tune: optuna", unit="trials"
+        ):
+            asked = study.ask(distributions)
+            key = tuple(asked.params[name] for name in axes)
+            trial = by_key[key]
+            sampled.append(trial.number)
+            if trial.problem is not None:
+                study.tell(asked, state=optuna.trial.TrialState.FAIL)
+                continue
+            self._screen([trial], progress=False)
+            losses = screen_losses(self.requirements, self.objective, self.results(trial.number))
+            if losses is None:
+                study.tell(asked, state=optuna.trial.TrialState.FAIL)
+            else:
+                study.tell(asked, losses)
+        return sampled
+
+    def _screen(self, trials: Sequence[Trial], *, progress: bool = True) -> None:
+        pending = [t for t in trials if f"screen {t.number}" not in self.log.done]
+        shown = self.tracker.track(pending, total=len(pending), description="tune: screen", unit="trials")
+        for trial in shown if progress else pending:
             with self._weakened(trial):
                 values = {
                     name: screen_values(

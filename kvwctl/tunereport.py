@@ -6,7 +6,8 @@ samples per fold), ``settings``, ``space`` (the axes searched), ``requirements``
 ``profiles`` (per positions mode, the cached profile files and their sha256), ``baseline`` and
 ``reference`` (their results), ``trials`` (per trial: its settings, the γ used, the layers, the
 vectors with E > 0, the mean gate, whether it was generated, and its results), ``frontier`` and
-``generated`` (trial numbers), ``selection`` (per fold: the trial chosen on it, or the closest,
+``generated`` (trial numbers), ``sampled`` (with ``--search optuna``: the trials in the order TPE
+proposed them; null for a grid), ``selection`` (per fold: the trial chosen on it, or the closest,
 the constraints' outcomes there, and the results on the held-out folds) and ``chosen`` (the trial
 chosen on fold 1, or on all samples with one fold; null if none met the constraints) and
 ``chosen_layers`` (per edited layer of that trial, or of the closest: vectors, those with E > 0,
@@ -126,6 +127,7 @@ def tune_report(
         "trials": trials,
         "frontier": list(front),
         "generated": list(generated),
+        "sampled": getattr(tuner, "sampled", None),
         "selection": selection,
         "chosen": choices[0].trial if choices else None,
         "chosen_layers": _layers(tuner, shown) if shown is not None else None,

@@ -211,3 +211,28 @@ def test_plot_of_a_tune_file_is_written_and_deterministic(
     assert first.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and first.read_bytes() == second.read_bytes()
     refused = invoke("plot", out, "--gamma", "1", "--out", tmp_path / "c.png")
     expect_error(refused, "--gamma does not apply to a kvwctl.tune/1 file", 2)
+
+
+def test_optuna_search_is_seeded_and_resumes(
+    checkpoints: dict[str, Path], text_data: dict[str, Path], tmp_path: Path
+) -> None:
+    pytest.importorskip("optuna")
+    args = ("--search", "optuna", "--trials", "5", "--seed", "3", "--gamma", "0.3,1,3,10", "--layers", "0:1,1:",
+            "--folds", "1", "--require", "retain.answer_logprob >= 1.5*baseline", "--minimize", "forget.answer_logprob")  # fmt: skip
+    first, second = tmp_path / "a" / "tune.json", tmp_path / "b" / "tune.json"
+    for out in (first, second):
+        result = _tune(checkpoints["qwen2"], text_data, out, *args)
+        assert result.exit_code in (0, 1), result.output
+    report = json.loads(first.read_text())
+    assert len(report["sampled"]) == 5 and report["settings"]["search"] == "optuna"
+    screened = [trial["trial"] for trial in report["trials"] if trial["results"] is not None]
+    assert screened == sorted(set(report["sampled"])) and len(report["trials"]) == 8
+    assert first.read_text().replace(str(first.parent), "X") == second.read_text().replace(str(second.parent), "X")
+    # Killed after three screens: the sampler is replayed from the log and proposes the same trials.
+    lines = log_path_for(first).read_text().splitlines(keepends=True)
+    cut = tmp_path / "c" / "tune.json"
+    cut.parent.mkdir()
+    log_path_for(cut).write_text("".join(lines[:5]))
+    resumed = _tune(checkpoints["qwen2"], text_data, cut, *args, "--resume")
+    assert resumed.exit_code in (0, 1), resumed.output
+    assert cut.read_text().replace(str(cut.parent), "X") == first.read_text().replace(str(first.parent), "X")
