@@ -62,8 +62,8 @@ case "$command" in
   shell) exec "${SHELL:-bash}" ;;
   test)
     cd "$here"
-    ruff format --check kvwctl tests examples
-    ruff check kvwctl tests examples
+    ruff format --check kvwctl tests examples benchmarks
+    ruff check kvwctl tests examples benchmarks
     mypy
     python -m pytest "$@"
     ;;

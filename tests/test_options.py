@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -107,7 +108,15 @@ def test_every_kvw_toml_key_has_one_type() -> None:
     assert set(keys) == {"positions", "batch_size", "device", "dtype", "forget_batch_size", "gamma", "layers"} | {
         "max_new_tokens",
         "redact",
+    } | {"folds", "group_by"} | {
+        f"tune_{name}"
+        for name in ("gamma", "mean_gate", "layers", "forget_batch_size", "positions", "trials", "generate_top")
     }
+    for key, (kind, _) in keys.items():  # a key read by several stages has the same type in each
+        for cls in STAGE_OPTIONS:
+            for item in dataclasses.fields(cls):
+                if item.metadata.get("key") == key:
+                    assert typing.get_type_hints(cls)[item.name] == kind, (key, cls.__name__)
 
 
 def test_help_texts_show_the_declared_defaults() -> None:
