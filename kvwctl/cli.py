@@ -226,7 +226,7 @@ def profile(
         result = execute_profile(plan, tracker=tracker)
     console.info(
         f"Profiled {result.num_samples} samples, {result.num_positions} positions, {result.num_layers} layers "
-        f"-> {result.path}"
+        f"-> {console.shown_path(result.path)}"
     )
     _emit(result.path, result.summary(), json_output)
 
@@ -351,7 +351,7 @@ def apply(
     manifest = result.manifest
     console.info(f"Layers edited: {manifest.layers}")
     console.show(apply_table(options.gamma, manifest.per_layer))
-    console.info(f"Wrote {result.path}")
+    console.info(f"Wrote {console.shown_path(result.path)}")
     _emit(result.path, {"manifest": manifest.to_json()}, json_output)
 
 
@@ -433,7 +433,7 @@ def evaluate(
         )
     for outcome in result.report.requirements:
         console.info(f"requirement {outcome.describe()}")
-    console.info(f"Wrote {result.path} and {result.samples_path}")
+    console.info(f"Wrote {console.shown_path(result.path)} and {console.shown_path(result.samples_path)}")
     summary = {"samples": str(result.samples_path), **result.report.to_json()}
     failure = result.failure()
     if failure is not None and not json_output:
@@ -593,7 +593,7 @@ def card(
     from kvwctl.card import run_card
 
     result = run_card(checkpoint_dir, eval_report=eval_report, force=force)
-    console.info(f"Wrote {result.path}")
+    console.info(f"Wrote {console.shown_path(result.path)}")
     _emit(result.path, result.to_json(), json_output)
 
 
@@ -625,7 +625,7 @@ def push(
             checkpoint_dir, repo_id, revision=revision, private=private, create_pr=create_pr, token=token,
             tracker=tracker,
         )  # fmt: skip
-    console.info(f"Pushed {result.path} to {result.repo_url} ({result.revision})")
+    console.info(f"Pushed {console.shown_path(result.path)} to {result.repo_url} ({result.revision})")
     if json_output:
         _emit(result.path, result.to_json(), True)
     else:
@@ -653,7 +653,7 @@ def plot(
     options = fill(PlotOptions, {**flags, "force": force}, load_config(config))
     given = [name for name, value in flags.items() if value is not None]
     result = run_plot(file, out or default_out(file), options, given=given)
-    console.info(f"Wrote {result.path} ({result.format})")
+    console.info(f"Wrote {console.shown_path(result.path)} ({result.format})")
     _emit(result.path, result.summary(), json_output)
 
 

@@ -90,6 +90,19 @@ def show(renderable: object) -> None:
     LOGGER.info("%s", type(renderable).__name__, extra={"renderable": renderable})
 
 
+def shown_path(path: Path) -> str:
+    """How a path is shown on stderr, the same way everywhere: relative to the working directory
+    when it lies under it (``kvw-run/accessor.safetensors``), else absolute. stdout keeps paths
+    as the command received or made them, for scripts."""
+    import os
+
+    absolute = Path(os.path.abspath(path))
+    try:
+        return absolute.relative_to(Path.cwd()).as_posix() or "."
+    except ValueError:
+        return str(absolute)
+
+
 def show_inputs(title: str, values: dict[str, Any]) -> None:
     """The resolved inputs of a command, as a table on stderr."""
     from kvwctl.tables import inputs_table

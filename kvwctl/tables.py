@@ -130,9 +130,14 @@ def plan_table(facts: Mapping[str, Any]) -> Table:
 def inputs_table(title: str, values: Mapping[str, Any]) -> Table:
     """The resolved inputs and settings of a command, one ``key value`` row each (None omitted)."""
     table = Table(title=title, show_header=False, title_justify="left", box=None, pad_edge=False)
+    from pathlib import Path
+
+    from kvwctl.console import shown_path
+
     for key, value in values.items():
         if value is not None:
-            table.add_row(Text(f"  {key}"), Text(str(value)))  # paths are text, never markup
+            text = shown_path(value) if isinstance(value, Path) else str(value)
+            table.add_row(Text(f"  {key}"), Text(text))  # paths are text, never markup
     return table
 
 
