@@ -534,9 +534,9 @@ def tune(
         where = f"fold {entry['fold']}" if entry["fold"] else "all samples"
         picked = f"trial {entry['trial']}" if entry["trial"] is not None else f"no trial (closest: {entry['closest']})"
         console.info(f"selected on {where}: {picked}")
-    console.info(f"Wrote {result.path} (trial log: {result.log_path})")
+    console.info(f"Wrote {console.shown_path(result.path)} (trial log: {console.shown_path(result.log_path)})")
     if result.applied is not None:
-        console.info(f"Applied trial {result.chosen}: {result.applied}")
+        console.info(f"Applied trial {result.chosen}: {console.shown_path(result.applied)}")
     failure = result.failure()
     summary = {"log": str(result.log_path), "applied": str(result.applied) if result.applied else None}
     summary |= {key: result.report[key] for key in ("chosen", "selection", "frontier", "generated")}

@@ -142,44 +142,44 @@ def inputs_table(title: str, values: Mapping[str, Any]) -> Table:
 
 
 def tune_table(report: Mapping[str, Any], *, limit: int = 12) -> Table:
-    """The generated trials (else the screen's frontier), best objective first, and the choice per fold."""
+    """The generated trials (else the screen's frontier), and the choice per fold.
+
+    Columns: the trial, its setting (positions, accessor batch, layers), γ, the mean gate, the
+    vectors with E > 0, then per evaluated split keyword accuracy (kw, generated trials only) and
+    answer log-probability (lp), all samples.
+    """
     trials = report["trials"]
     shown = [trials[number] for number in report["generated"]] or [trials[number] for number in report["frontier"]]
     if not shown:
         shown = [trial for trial in trials if trial["results"] is not None]
-    chosen = {entry["trial"] for entry in report["selection"]}
-    table = Table(title=f"tune: {len(trials)} trials, objective {report['objective']}", title_justify="left")
-    columns = ("trial", "positions", "batch", "layers", "gamma", "mean gate", "exposed")
+    table = Table(title=f"tune: {len(trials)} trials, {report['objective']}", title_justify="left")
     splits = sorted({split for trial in shown for split in (trial["results"] or {}).get("all", {})})
-    for column in columns:
-        table.add_column(column, justify="right")
+    for column in ("trial", "setting", "γ", "gate", "E>0"):
+        table.add_column(column, justify="right", no_wrap=column == "setting")
     metric_columns = [(split, metric) for split in splits for metric in ("keyword_acc", "answer_logprob")]
     for split, metric in metric_columns:
-        table.add_column(f"{split}\n{metric}", justify="right")
-    table.add_column("chosen")
+        table.add_column(f"{split} {'kw' if metric == 'keyword_acc' else 'lp'}", justify="right")
+    table.add_column("chosen", no_wrap=True)
 
     def cell(results: Mapping[str, Any] | None, split: str, metric: str) -> str:
         value = ((results or {}).get("all", {}).get(split, {}).get(metric) or {}).get("mean")
         return "-" if value is None else f"{value:.3f}"
 
-    for role in ("baseline", "reference"):
+    for role, name in (("baseline", "vanilla"), ("reference", "oracle")):
         if report.get(role):
             values = [cell(report[role], split, metric) for split, metric in metric_columns]
-            table.add_row(role, "", "", "", "", "", "", *values, "")
+            table.add_row(name, "", "", "", "", *values, "")
     for trial in shown[:limit]:
         values = [cell(trial["results"], split, metric) for split, metric in metric_columns]
-        mark = ", ".join(
-            f"fold {e['fold']}" if e["fold"] else "yes" for e in report["selection"] if e["trial"] == trial["trial"]
-        )
+        folds = [str(entry["fold"] or "all") for entry in report["selection"] if entry["trial"] == trial["trial"]]
         table.add_row(
             str(trial["trial"]),
-            trial["positions"],
-            str(trial["forget_batch_size"]),
-            trial["layers"],
-            f"{trial['gamma_used']:.4g}" if trial["gamma_used"] is not None else "-",
-            f"{trial['mean_gate_reached']:.4f}" if trial["mean_gate_reached"] is not None else "-",
+            f"{trial['layers']} b={trial['forget_batch_size']}"
+            + ("" if trial["positions"] == "answer" else f" {trial['positions']}"),
+            f"{trial['gamma_used']:.3g}" if trial["gamma_used"] is not None else "-",
+            f"{trial['mean_gate_reached']:.3f}" if trial["mean_gate_reached"] is not None else "-",
             str(trial["exposed_vectors"]),
             *values,
-            mark if trial["trial"] in chosen else "",
+            ("fold " + ",".join(folds)) if folds else "",
         )
     return table
