@@ -231,14 +231,23 @@ class ApplyOptions:
         _validate(self)
 
 
+def _space_problem(parse: Callable[[str], Any]) -> Callable[[str], str | None]:
+    """A check from a parser: the message of the UsageError it raises, or None."""
+
+    def problem(value: str) -> str | None:
+        try:
+            parse(value)
+        except UsageError as error:
+            return error.message
+        return None
+
+    return problem
+
+
 def _fold_problem(value: str) -> str | None:
     from kvwctl.folds import parse_fold
 
-    try:
-        parse_fold(value)
-    except UsageError as error:
-        return error.message
-    return None
+    return _space_problem(parse_fold)(value)
 
 
 @dataclass(frozen=True)
@@ -284,17 +293,6 @@ class VerifyOptions:
 
     def __post_init__(self) -> None:
         _validate(self)
-
-
-def _space_problem(parse: Callable[[str], Any]) -> Callable[[str], str | None]:
-    def problem(value: str) -> str | None:
-        try:
-            parse(value)
-        except UsageError as error:
-            return error.message
-        return None
-
-    return problem
 
 
 def _gamma_space_problem(value: str) -> str | None:
