@@ -127,7 +127,7 @@ def main() -> None:
     print("| | trials | seconds | per trial (s) |")
     print("|---|---:|---:|---:|")
     print(f"| profiles (retain 252 + forget 28, not in the screen) | | {profile_seconds:.1f} | |")
-    print(f"| baseline model's own screen (once) | | {baseline_screen:.1f} | |")
+    print(f"| the baseline model scored once (screen and generation) | | {baseline_screen:.1f} | |")
     print(f"| **tune: screen in memory** | {len(tracker.trial_seconds)} | {screen:.1f} | {tune_per_trial:.2f} |")
     print(f"| tune, the whole command | {len(trials)} | {tune_total:.1f} | |")
     print(f"| accessor + apply + eval (measured on {len(per_trial)}) | {len(per_trial)} | {sum(per_trial):.1f} | "

@@ -236,3 +236,26 @@ def test_optuna_search_is_seeded_and_resumes(
     resumed = _tune(checkpoints["qwen2"], text_data, cut, *args, "--resume")
     assert resumed.exit_code in (0, 1), resumed.output
     assert cut.read_text().replace(str(cut.parent), "X") == first.read_text().replace(str(first.parent), "X")
+
+
+def test_dry_run_checks_everything_and_does_no_model_work(
+    checkpoints: dict[str, Path], text_data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_model_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a dry run loaded a model")
+
+    monkeypatch.setattr("kvwctl.tune.load_model", no_model_work)
+    monkeypatch.setattr("kvwctl.checkpoint.Checkpoint.fingerprint", no_model_work)
+    out = tmp_path / "run" / "tune.json"
+    result = _tune(
+        checkpoints["qwen2"], text_data, out, "--gamma", "0.5,5", "--layers", "0:1,1:", "--forget-batch-size", "1,all",
+        "--group-by", "person", "--apply", tmp_path / "tuned", "--dry-run", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["dry_run"] is True and plan["command"] == "tune" and plan["trials"] == 8
+    assert plan["space"]["layers"] == ["0:1", "1:"] and plan["space"]["gamma"] == [0.5, 5.0]
+    assert [output["kind"] for output in plan["outputs"]] == ["tune report", "trial log", "checkpoint"]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "tuned").exists() and not (tmp_path / "kvw-run").exists()
+    bad = _tune(checkpoints["qwen2"], text_data, out, "--layers", "0:99", "--dry-run")
+    expect_error(bad, "out of range", 2)
