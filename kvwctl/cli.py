@@ -607,6 +607,7 @@ def push(
     private: Annotated[bool, _flag("--private", "Create the repository private (if it does not exist).")] = False,
     create_pr: Annotated[bool, _flag("--create-pr", "Open a pull request against main instead of committing.")] = False,
     token: Annotated[str | None, _flag("--token", "Hub token [default: HF_TOKEN or the saved login]")] = None,
+    dry_run: DryRunOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
@@ -614,17 +615,17 @@ def push(
     debug: DebugOption = False,
 ) -> None:
     """Upload a checkpoint (checked as verify DIR checks it) to the Hugging Face Hub."""
-    from kvwctl.push import run_push
+    from kvwctl.push import execute_push, plan_push
 
     if quiet:  # huggingface_hub's upload progress goes to stderr otherwise
         from huggingface_hub.utils.tqdm import disable_progress_bars
 
         disable_progress_bars()
+    plan = plan_push(checkpoint_dir, repo_id, revision=revision, private=private, create_pr=create_pr)
+    if dry_run:
+        return _dry_run(plan, json_output)
     with console.progress_tracker() as tracker:
-        result = run_push(
-            checkpoint_dir, repo_id, revision=revision, private=private, create_pr=create_pr, token=token,
-            tracker=tracker,
-        )  # fmt: skip
+        result = execute_push(plan, token=token, tracker=tracker)
     console.info(f"Pushed {console.shown_path(result.path)} to {result.repo_url} ({result.revision})")
     if json_output:
         _emit(result.path, result.to_json(), True)

@@ -11,7 +11,9 @@ card kvwctl wrote (``README.md``; ``kvwctl card DIR`` writes one). Then ``HfApi.
 ``main`` (``exist_ok=True``), and one ``HfApi.upload_folder`` of the directory (hidden files
 left out). The endpoint and the token are huggingface_hub's (``HF_ENDPOINT``, ``HF_TOKEN`` or the
 saved login) unless ``--token`` is given. Errors from the Hub (HTTP errors, a missing or refused
-token, no connection, ``HF_HUB_OFFLINE``) are kvwctl errors (exit 1) with a hint.
+token, no connection, ``HF_HUB_OFFLINE``) are kvwctl errors (exit 1) with a hint. ``--dry-run``
+(:func:`plan_push`) makes the checks that need neither the network nor hashing (the manifest, the
+chain, every shard present, the card) and lists the files that would be uploaded.
 """
 
 from __future__ import annotations
@@ -62,22 +64,41 @@ def commit_message(manifest: dict[str, Any]) -> str:
     )
 
 
-def run_push(
-    checkpoint_dir: Path,
-    repo_id: str,
-    *,
-    revision: str | None,
-    private: bool,
-    create_pr: bool,
-    token: str | None,
-    tracker: Tracker | None = None,
-) -> PushResult:
-    """Check ``checkpoint_dir`` (verify's checks without a base, a kvwctl card), then upload it."""
-    from huggingface_hub import HfApi
+@dataclass(frozen=True)
+class PushPlan:
+    """A push checked without the network and without hashing: what would be uploaded, where."""
+
+    checkpoint_dir: Path
+    repo_id: str
+    revision: str
+    private: bool
+    create_pr: bool
+    files: dict[str, int]  # relative path -> size in bytes, hidden entries left out
+    message: str
+    command: str = "push"
+
+    def facts(self) -> dict[str, Any]:
+        """What ``push --dry-run`` prints (``kvwctl.plans``)."""
+        return {
+            "command": self.command,
+            "checkpoint": str(self.checkpoint_dir),
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "private": self.private,
+            "create_pr": self.create_pr,
+            "commit_message": self.message,
+            "files": self.files,
+            "bytes": sum(self.files.values()),
+            "checked": "manifest, chain and shards present, kvwctl card; shard sha256 and fingerprint by the real push",
+        }
+
+
+def plan_push(checkpoint_dir: Path, repo_id: str, *, revision: str | None, private: bool, create_pr: bool) -> PushPlan:
+    """Every check of ``run_push`` that needs neither the network nor hashing the shards."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils._validators import validate_repo_id  # re-exported by utils, untyped there
 
-    from kvwctl.verify import read_manifest, run_verify
+    from kvwctl.verify import plan_verify, read_manifest
 
     try:
         validate_repo_id(repo_id)
@@ -91,17 +112,55 @@ def run_push(
             f"--create-pr with --revision {revision}: a pull request is opened against {DEFAULT_BRANCH}",
             hint="drop --revision, or push to the branch without --create-pr",
         )
-    run_verify(checkpoint_dir, VerifyOptions(), base=None, accessor=None, tracker=tracker or NullTracker())
+    plan_verify(checkpoint_dir, VerifyOptions(), base=None, accessor=None)
     card = checkpoint_dir / CARD_FILE
     if not card.is_file() or not is_kvwctl_card(card):
         raise KvwError(
             f"{checkpoint_dir} has no model card written by kvwctl ({CARD_FILE})",
             hint=f"write one with kvwctl card {checkpoint_dir}",
         )
-    manifest = read_manifest(checkpoint_dir)
+    files = {
+        path.relative_to(checkpoint_dir).as_posix(): path.stat().st_size
+        for path in sorted(checkpoint_dir.rglob("*"))
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(checkpoint_dir).parts)
+    }
+    return PushPlan(
+        checkpoint_dir=checkpoint_dir,
+        repo_id=repo_id,
+        revision=branch,
+        private=private,
+        create_pr=create_pr,
+        files=files,
+        message=commit_message(read_manifest(checkpoint_dir)),
+    )
+
+
+def run_push(
+    checkpoint_dir: Path,
+    repo_id: str,
+    *,
+    revision: str | None,
+    private: bool,
+    create_pr: bool,
+    token: str | None,
+    tracker: Tracker | None = None,
+) -> PushResult:
+    """Check ``checkpoint_dir`` (verify's checks without a base, a kvwctl card), then upload it."""
+    plan = plan_push(checkpoint_dir, repo_id, revision=revision, private=private, create_pr=create_pr)
+    return execute_push(plan, token=token, tracker=tracker)
+
+
+def execute_push(plan: PushPlan, *, token: str | None, tracker: Tracker | None = None) -> PushResult:
+    """Verify the shards' hashes and the fingerprint, then create the repository and upload."""
+    from huggingface_hub import HfApi
+
+    from kvwctl.verify import run_verify
+
+    checkpoint_dir, repo_id, branch, create_pr = plan.checkpoint_dir, plan.repo_id, plan.revision, plan.create_pr
+    run_verify(checkpoint_dir, VerifyOptions(), base=None, accessor=None, tracker=tracker or NullTracker())
     api = HfApi(token=token)
     with hub_errors(repo_id):
-        repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        repo = api.create_repo(repo_id, private=plan.private, exist_ok=True, repo_type="model")
         if branch != DEFAULT_BRANCH:
             api.create_branch(repo_id, branch=branch, exist_ok=True, repo_type="model")
         commit = api.upload_folder(
@@ -110,7 +169,7 @@ def run_push(
             repo_type="model",
             revision=None if create_pr else branch,
             create_pr=create_pr,
-            commit_message=commit_message(manifest),
+            commit_message=plan.message,
             ignore_patterns=list(IGNORED),
         )
     return PushResult(

@@ -240,3 +240,17 @@ def test_quiet_push_prints_only_the_result(hub: FakeHub, unlearned: Path, monkey
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
     assert result.stdout.startswith(f"{hub.url}/{REPO}/commit/")
+
+
+def test_dry_run_lists_what_would_be_uploaded_and_sends_nothing(hub: FakeHub, unlearned: Path) -> None:
+    result = invoke("push", unlearned, REPO, "--revision", "gamma-0.5", "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    files = directory_files(unlearned)
+    assert plan["dry_run"] is True and plan["repo_id"] == REPO and plan["revision"] == "gamma-0.5"
+    assert plan["files"] == {name: len(content) for name, content in sorted(files.items())}
+    assert plan["bytes"] == sum(len(content) for content in files.values())
+    assert plan["commit_message"].startswith("kvwctl 0.1.0: one-shot KVW of ")
+    assert hub.created == [] and hub.commits == [] and hub.branches == []
+    bad = invoke("push", unlearned, REPO, "--create-pr", "--revision", "x", "--dry-run")
+    assert bad.exit_code == 2 and "--create-pr with --revision x" in bad.stderr
