@@ -91,9 +91,7 @@ def tune_report(
         "search": tuner.options.search,
         "positions": tuner.modes,
         "forget_batch_size": ["all" if size is None else size for size in tuner.sizes],
-        "layers": sorted(
-            {trial.settings.layers for trial in tuner.trials}, key=[t.settings.layers for t in tuner.trials].index
-        ),
+        "layers": list(dict.fromkeys(trial.settings.layers for trial in tuner.trials)),
         **({"mean_gate": tuner.strengths["mean_gates"]} if "mean_gates" in tuner.strengths else {}),
         **({"gamma": tuner.strengths["gammas"]} if "gammas" in tuner.strengths else {}),
     }
