@@ -101,7 +101,7 @@ RedactOption = Annotated[
 ]
 
 
-def command(name: str | None = None) -> Callable[[F], F]:
+def command(name: str | None = None, *, group: typer.Typer | None = None) -> Callable[[F], F]:
     """Register a command (named after the function unless ``name`` is given) and give it the
     single error-handling site of the CLI.
 
@@ -110,10 +110,10 @@ def command(name: str | None = None) -> Callable[[F], F]:
     signals are handled only while the command runs). With ``--debug`` the exception
     propagates with its traceback; an exception without an exit code is a bug and always does.
     """
-    return functools.partial(_register, name=name)
+    return functools.partial(_register, name=name, group=group)
 
 
-def _register(function: F, *, name: str | None) -> F:
+def _register(function: F, *, name: str | None, group: typer.Typer | None = None) -> F:
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         flags = dict(
@@ -142,7 +142,7 @@ def _register(function: F, *, name: str | None) -> F:
                 console.error(message, hint=hint, label=label)
                 raise typer.Exit(code) from None
 
-    app.command(name=name)(wrapper)
+    (group or app).command(name=name)(wrapper)
     return function
 
 
@@ -655,6 +655,37 @@ def plot(
     given = [name for name, value in flags.items() if value is not None]
     result = run_plot(file, out or default_out(file), options, given=given)
     console.info(f"Wrote {console.shown_path(result.path)} ({result.format})")
+    _emit(result.path, result.summary(), json_output)
+
+
+# --- data: benchmark adapters ------------------------------------------------------------------
+
+data_app = typer.Typer(no_args_is_help=True, help="Benchmark data: convert a published benchmark to kvwctl samples.")
+app.add_typer(data_app, name="data")
+
+
+@command("convert", group=data_app)
+def data_convert(
+    benchmark: Annotated[str, typer.Argument(metavar="BENCH", help="mllmu, clear or tofu")],
+    source: Annotated[Path, _flag("--from", "The benchmark as published, a local directory (parquet or JSON)")],
+    split: Annotated[str, _flag("--split", "The benchmark's split, e.g. forget_5 (mllmu), forget05 (clear)")],
+    out: Annotated[Path, _flag("--out", "The JSON Lines file to write; images go to <out stem>.images/")],
+    task: Annotated[
+        list[str] | None, _flag("--task", "Keep only this task kind (repeatable), e.g. caption [default: all]")
+    ] = None,
+    force: ForceOption = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Convert a local copy of MLLMU-Bench, CLEAR or TOFU into kvwctl's JSON Lines (images as files)."""
+    from kvwctl.benchmarks.convert import run_convert
+
+    result = run_convert(benchmark, source, split, out, tasks=tuple(task or ()), force=force)
+    tasks = ", ".join(f"{count} {kind}" for kind, count in result.tasks.items())
+    console.info(f"Wrote {console.shown_path(result.path)}: {result.samples} samples ({tasks}), {result.images} images")
     _emit(result.path, result.summary(), json_output)
 
 
