@@ -392,6 +392,7 @@ def evaluate(
     dtype: Annotated[str | None, _option(EvalOptions, "dtype")] = None,
     fold: Annotated[str | None, _option(EvalOptions, "fold")] = None,
     group_by: Annotated[str | None, _option(EvalOptions, "group_by")] = None,
+    protocol: Annotated[str | None, _option(EvalOptions, "protocol")] = None,
     redact: RedactOption = None,
     force: ForceOption = False,
     dry_run: DryRunOption = False,
@@ -408,7 +409,7 @@ def evaluate(
 
     project = load_config(config)
     flags = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype, force=force)
-    flags |= dict(fold=fold, group_by=group_by, redact=redact)
+    flags |= dict(fold=fold, group_by=group_by, redact=redact, protocol=protocol)
     options = fill(EvalOptions, {**flags, "require": tuple(require_) if require_ else None}, project)
     models = project.eval_models(model, revision, baseline=baseline, reference=reference)
     splits = parse_named_paths(data, flag="--data") if data else dict(project.splits)
@@ -425,6 +426,10 @@ def evaluate(
     with console.progress_tracker() as tracker:
         result = execute_eval(plan, tracker=tracker)
     console.show(eval_table(result.report))
+    if result.report.protocol:
+        from kvwctl.protocols import protocol_table
+
+        console.show(protocol_table(result.report.protocol))
     if result.report.non_finite:
         console.error(
             "non-finite (NaN or infinite) metrics, recorded as null: " + ", ".join(result.report.non_finite),

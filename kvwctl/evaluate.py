@@ -332,6 +332,7 @@ class EvalPlan:
                 "device": self.device,
                 "dtype": options.dtype,
                 "redact": options.redact,
+                "protocol": options.protocol,
             },
             "outputs": [
                 output_facts(self.out, "report", force=force),
@@ -370,6 +371,10 @@ def plan_eval(
 
         fold, folds = parse_fold(options.fold)
         evaluated = [split.only_fold(fold, folds, options.group_by) for split in evaluated]
+    if options.protocol is not None:  # the benchmark's own scoring (kvwctl.protocols)
+        from kvwctl.protocols import check_protocol
+
+        check_protocol(options.protocol, evaluated)
     check_requirements_have_values(parsed, {split.name: split.with_options for split in evaluated})
     checkpoints = {
         role: open_checkpoint(resolve_model(models[role].reference, models[role].revision)) for role in roles
@@ -420,6 +425,7 @@ def execute_eval(plan: EvalPlan, *, tracker: Tracker | None = None) -> EvalResul
     roles = list(plan.checkpoints)
     model_info: dict[str, ModelInfo] = {}
     per_sample: dict[str, dict[str, list[SampleResult]]] = {}
+    protocol_values: dict[str, Any] = {}  # role -> kvwctl.protocols.RoleValues, with --protocol
     for index, role in enumerate(roles, start=1):
         checkpoint = plan.checkpoints[role]
         label = f"model {index}/{len(roles)} ({role})"
@@ -435,6 +441,12 @@ def execute_eval(plan: EvalPlan, *, tracker: Tracker | None = None) -> EvalResul
             )
             for rendered in prepared
         }
+        if options.protocol is not None:
+            from kvwctl.protocols import run_protocol
+
+            protocol_values[role] = run_protocol(
+                options.protocol, loaded, per_sample[role], batch_size=batch_size, tracker=tracker, role=label
+            )
         del loaded
         _release_memory(torch_device)
 
@@ -449,6 +461,11 @@ def execute_eval(plan: EvalPlan, *, tracker: Tracker | None = None) -> EvalResul
         for role in roles
     }
     outcomes = check_requirements(plan.requirements, results)
+    protocol: dict[str, Any] = {}
+    if options.protocol is not None:
+        from kvwctl.protocols import protocol_section
+
+        protocol = protocol_section(options.protocol, protocol_values)
     # The report names the per-sample file's hash: both are renamed into place, or neither.
     with committed_together() as outputs:
         samples_file = outputs.file(samples_out, force=options.force)
@@ -461,6 +478,7 @@ def execute_eval(plan: EvalPlan, *, tracker: Tracker | None = None) -> EvalResul
             requirements=outcomes,
             samples_sha256=file_sha256(samples_file),
             redaction=redactor.record(),
+            protocol=protocol,
         )
         write_json_atomically(outputs.file(out, force=options.force), report.to_json())
     return EvalResult(path=out, samples_path=samples_out, report=report)

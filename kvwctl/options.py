@@ -270,6 +270,12 @@ class EvalOptions:
         None, "Sample field whose value keeps samples in one fold (with --fold)", key="group_by", shown_default="id"
     )
     redact: bool = _redact_option()
+    protocol: str | None = option(
+        None,
+        "Also score by a benchmark's own protocol: mllmu, clear or tofu (kvwctl.protocols)",
+        choices=("mllmu", "clear", "tofu"),
+        shown_default="none",
+    )
     force: bool = option(False, "Replace an existing output.")
 
     def __post_init__(self) -> None:

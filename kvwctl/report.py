@@ -8,7 +8,8 @@ timestamps, so the same inputs give the same bytes). A metric with a NaN or infi
 null mean and is listed in ``non_finite`` as ``role.split.metric``; the file never holds NaN. Format 2 renamed format 1's ``gates`` to
 ``requirements`` and each outcome's ``gate`` key to ``requirement``; nothing else changed.
 A redacted report (``--redact``) ends with ``"redacted": true`` and ``redaction`` (the scheme), and
-its ``data.<split>.path`` values are keyed hashes.
+its ``data.<split>.path`` values are keyed hashes. With ``eval --protocol`` a ``protocol`` object
+(``kvwctl.protocols``) holds the benchmark's own numbers, each metric named after its protocol.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class EvalReport:
     requirements: list[RequirementOutcome]
     samples_sha256: str  # of the per-sample JSON Lines file
     redaction: dict[str, Any] = field(default_factory=dict)  # {"redacted": true, "redaction": scheme} or {}
+    protocol: dict[str, Any] = field(default_factory=dict)  # eval --protocol: kvwctl.protocols.protocol_section
     metrics: tuple[str, ...] = METRICS
     tool_version: str = __version__
 
@@ -116,6 +118,7 @@ class EvalReport:
             },
             "non_finite": self.non_finite,
             "requirements": [outcome.to_json() for outcome in self.requirements],
+            **({"protocol": self.protocol} if self.protocol else {}),
             "samples_sha256": self.samples_sha256,
             **self.redaction,
         }
