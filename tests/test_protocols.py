@@ -18,15 +18,15 @@ from typing import Any
 import pytest
 from helpers import expect_error, invoke
 
+from kvwctl.checkpoint import open_checkpoint
 from kvwctl.data import Sample, load_samples
 from kvwctl.evaluate import generate_answers, score_conversations
 from kvwctl.metrics import rouge_l
 from kvwctl.modeling import load_model
-from kvwctl.checkpoint import open_checkpoint
-from kvwctl.source import resolve_model
 from kvwctl.progress import NullTracker
 from kvwctl.protocols import generated, tofu
 from kvwctl.protocols.kstest import exact_pvalue, kolmogorov_sf, ks_2samp, ks_statistic
+from kvwctl.source import resolve_model
 from kvwctl.testing import build_checkpoint, make_image
 
 # --- the KS test ---------------------------------------------------------------------------------
@@ -112,7 +112,9 @@ def test_clear_rules() -> None:
     assert generated.clear_score(name, "name", "This is mira okafor.") == ("clear.name_vqa_acc", 1.0)
     assert generated.clear_score(name, "name", "Mira") == ("clear.name_vqa_acc", 0.0)
     sample = mc_sample(task="mc")
-    assert generated.clear_prompt(sample, "mc") == "What does this person do?\nA. Painter\nB. Baker\nC. Pilot\nD. Nurse\n"
+    assert (
+        generated.clear_prompt(sample, "mc") == "What does this person do?\nA. Painter\nB. Baker\nC. Pilot\nD. Nurse\n"
+    )
     assert generated.clear_score(sample, "mc", "(b)") == ("clear.mc_acc", 1.0)
     assert generated.clear_score(sample, "mc", "Baker") == ("clear.mc_acc", 1.0)  # 'B': CLEAR's rule, as written
     assert generated.clear_score(sample, "mc", "") == ("clear.mc_acc", 0.0)
@@ -123,22 +125,36 @@ def test_tofu_rules() -> None:
     assert tofu.truth_ratio(1.0, [2.0, 4.0]) == pytest.approx(math.exp(-3.0) / (math.exp(-1.0) + 1e-10))
     assert tofu.aggregated(0.5, forget=True) == 0.5 and tofu.aggregated(4.0, forget=True) == pytest.approx(0.25)
     assert tofu.aggregated(0.25, forget=False) == 0.75 and tofu.aggregated(2.0, forget=False) == 0.0
-    sample = Sample(id="t", question="Q?", answer="A.", extra={"paraphrased_answer": "PA.", "benchmark_split": "forget01"})
+    sample = Sample(
+        id="t", question="Q?", answer="A.", extra={"paraphrased_answer": "PA.", "benchmark_split": "forget01"}
+    )
     assert tofu.correct_answer(sample) == "PA."
-    assert tofu.correct_answer(replace(sample, extra={**sample.extra, "benchmark_split": "world_facts_perturbed"})) == "A."
+    assert (
+        tofu.correct_answer(replace(sample, extra={**sample.extra, "benchmark_split": "world_facts_perturbed"})) == "A."
+    )
 
 
 # --- end to end on tiny models -------------------------------------------------------------------
 
 
+NEW_TOKENS = 4  # the protocols' 50 generated tokens, cut for the tests' speed
+
+
+@pytest.fixture(autouse=True)
+def few_new_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(generated, "MAX_NEW_TOKENS", NEW_TOKENS)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny LLaVA (multimodal; text-only samples too) and, built on first use, its oracle."""
     root = tmp_path_factory.mktemp("protocol-models")
-    return {
-        "llava": build_checkpoint("llava", root / "llava"),
-        "qwen2": build_checkpoint("qwen2", root / "qwen2"),
-        "qwen2-oracle": build_checkpoint("qwen2", root / "qwen2-oracle", seed=1),
-    }
+    return {"llava": build_checkpoint("llava", root / "llava")}
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint("llava", tmp_path_factory.mktemp("protocol-oracle") / "llava", seed=1)
 
 
 def loaded_model(path: Path) -> Any:
@@ -149,7 +165,7 @@ def loaded_model(path: Path) -> Any:
 
 def generations(model: Any, samples: list[Sample]) -> list[str]:
     return generate_answers(
-        model, samples, max_new_tokens=50, batch_size=2, tracker=NullTracker(), description="test"
+        model, samples, max_new_tokens=NEW_TOKENS, batch_size=2, tracker=NullTracker(), description="test"
     )
 
 
@@ -167,6 +183,7 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     return path
 
 
+@pytest.mark.slow  # 50 s on a loaded 2-core machine
 def test_clear_protocol_end_to_end(tiny: dict[str, Path], tmp_path: Path) -> None:
     make_image(tmp_path / "a.png", seed=1)
     make_image(tmp_path / "b.png", seed=2)
@@ -203,7 +220,10 @@ def test_clear_protocol_end_to_end(tiny: dict[str, Path], tmp_path: Path) -> Non
     ]
     said_faces = generations(
         model,
-        [Sample(id=f"r{k}", question=prompts[k], answer="x", images=(tmp_path / image,)) for k, image in enumerate(("b.png", "a.png"))],
+        [
+            Sample(id=f"r{k}", question=prompts[k], answer="x", images=(tmp_path / image,))
+            for k, image in enumerate(("b.png", "a.png"))
+        ],
     )
     hits = [
         float((generated.alphanumeric(text)[:1].upper() or None) == letter)
@@ -212,6 +232,7 @@ def test_clear_protocol_end_to_end(tiny: dict[str, Path], tmp_path: Path) -> Non
     assert results["faces"]["clear.mc_acc"] == {"mean": sum(hits) / 2, "count": 2}
 
 
+@pytest.mark.slow  # 25 s on a loaded 2-core machine
 def test_mllmu_protocol_end_to_end(tiny: dict[str, Path], tmp_path: Path) -> None:
     make_image(tmp_path / "p.png", seed=3)
     options = ["Painter", "Baker", "Pilot", "Nurse"]
@@ -230,7 +251,7 @@ def test_mllmu_protocol_end_to_end(tiny: dict[str, Path], tmp_path: Path) -> Non
     path = write_jsonl(tmp_path / "forget.jsonl", records)
     section = run_eval(tmp_path, "--model", tiny["llava"], "--data", f"forget={path}", "--protocol", "mllmu")
     results = section["results"]["model"]["forget"]
-    assert section["settings"] == {"max_new_tokens": 50, "decoding": "greedy", "shots": 0}
+    assert section["settings"] == {"max_new_tokens": NEW_TOKENS, "decoding": "greedy", "shots": 0}
     model = loaded_model(tiny["llava"])
     image = (tmp_path / "p.png",)
     asked = [
@@ -261,21 +282,22 @@ def test_mllmu_protocol_end_to_end(tiny: dict[str, Path], tmp_path: Path) -> Non
     assert all(value["count"] == 1 for value in results.values())
 
 
-def test_tofu_protocol_truth_ratio_and_forget_quality(tiny: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.slow  # two models, each evaluated twice: ~1 min on a loaded 2-core machine
+def test_tofu_protocol_truth_ratio_and_forget_quality(tiny: dict[str, Path], oracle: Path, tmp_path: Path) -> None:
     records = [
         {"id": f"t{k}", "question": f"Where was author {k} born?", "answer": f"In city {k}.",
          "paraphrased_answer": f"Author {k} was born in city {k}.",
          "perturbed_answers": [f"In village {k}.", f"In town {k + 1}.", "Nowhere."],
          "benchmark_split": "forget01_perturbed", "task": "qa", "group": f"author-{k // 2}"}
-        for k in range(5)
+        for k in range(3)
     ]  # fmt: skip
-    retain = [{**record, "id": f"r{k}", "benchmark_split": "retain_perturbed"} for k, record in enumerate(records[:3])]
+    retain = [{**record, "id": f"r{k}", "benchmark_split": "retain_perturbed"} for k, record in enumerate(records[:2])]
     forget_path = write_jsonl(tmp_path / "forget.jsonl", records)
     retain_path = write_jsonl(tmp_path / "retain.jsonl", retain)
-    section = run_eval(tmp_path, "--model", tiny["qwen2"], "--reference", tiny["qwen2-oracle"],
+    section = run_eval(tmp_path, "--model", tiny["llava"], "--reference", oracle,
                        "--data", f"forget={forget_path}", "--data", f"retain={retain_path}", "--protocol", "tofu")  # fmt: skip
     ratios: dict[str, dict[str, list[float]]] = {}
-    for role, path in (("model", tiny["qwen2"]), ("reference", tiny["qwen2-oracle"])):
+    for role, path in (("model", tiny["llava"]), ("reference", oracle)):
         model = loaded_model(path)
         ratios[role] = {}
         for split, samples in (("forget", load_samples(forget_path)), ("retain", load_samples(retain_path))):
@@ -283,22 +305,33 @@ def test_tofu_protocol_truth_ratio_and_forget_quality(tiny: dict[str, Path], tmp
             for sample in samples:
                 texts = [sample.extra["paraphrased_answer"], *sample.extra["perturbed_answers"]]
                 rendered = [model.renderer.render(replace(sample, answer=text)) for text in texts]
-                losses = [-score for score in score_conversations(model, rendered, batch_size=1, tracker=NullTracker(), description="t")]
+                losses = [
+                    -score
+                    for score in score_conversations(
+                        model, rendered, batch_size=4, tracker=NullTracker(), description="t"
+                    )
+                ]
                 values.append(math.exp(-sum(losses[1:]) / 3) / (math.exp(-losses[0]) + 1e-10))
             ratios[role][split] = values
         answers = [model.renderer.render(sample) for sample in load_samples(forget_path)]
-        probabilities = [math.exp(s) for s in score_conversations(model, answers, batch_size=1, tracker=NullTracker(), description="t")]
+        probabilities = [
+            math.exp(s)
+            for s in score_conversations(model, answers, batch_size=1, tracker=NullTracker(), description="t")
+        ]
         got = section["results"][role]["forget"]
-        assert got["tofu.Q_A_Prob"]["mean"] == pytest.approx(sum(probabilities) / 5, rel=1e-6)
+        assert got["tofu.Q_A_Prob"]["mean"] == pytest.approx(sum(probabilities) / 3, rel=1e-6)
         forget_terms = [min(r, 1 / (r + 1e-10)) for r in ratios[role]["forget"]]
         retain_terms = [max(0.0, 1 - r) for r in ratios[role]["retain"]]
-        assert got["tofu.truth_ratio"] == {"mean": pytest.approx(sum(forget_terms) / 5, rel=1e-6), "count": 5}
-        assert section["results"][role]["retain"]["tofu.truth_ratio"]["mean"] == pytest.approx(sum(retain_terms) / 3, rel=1e-6)
+        assert got["tofu.truth_ratio"] == {"mean": pytest.approx(sum(forget_terms) / 3, rel=1e-6), "count": 3}
+        assert section["results"][role]["retain"]["tofu.truth_ratio"]["mean"] == pytest.approx(
+            sum(retain_terms) / 2,
+            abs=1e-6,  # 1 - tr cancels: float32 noise of batching shows
+        )
         assert "tofu.forget_quality" not in section["results"][role]["retain"]
     quality = section["results"]["model"]["forget"]["tofu.forget_quality"]
     expected = ks_2samp(ratios["model"]["forget"], ratios["reference"]["forget"])
     assert quality["value"] == pytest.approx(expected.pvalue) and quality["method"] == "exact"
-    assert (quality["count"], quality["reference_count"]) == (5, 5)
+    assert (quality["count"], quality["reference_count"]) == (3, 3)
     assert "tofu.forget_quality" not in section["results"]["reference"]["forget"]
 
 
@@ -306,13 +339,13 @@ def test_tofu_forget_quality_without_reference_says_why(tiny: dict[str, Path], t
     record = {"id": "t", "question": "Q?", "answer": "Alpha.", "paraphrased_answer": "Alpha it is.", "perturbed_answers": ["Beta."],
               "benchmark_split": "forget01_perturbed"}  # fmt: skip
     path = write_jsonl(tmp_path / "forget.jsonl", [record])
-    section = run_eval(tmp_path, "--model", tiny["qwen2"], "--data", f"forget={path}", "--protocol", "tofu")
+    section = run_eval(tmp_path, "--model", tiny["llava"], "--data", f"forget={path}", "--protocol", "tofu")
     quality = section["results"]["model"]["forget"]["tofu.forget_quality"]
     assert quality["value"] is None and "needs --reference" in quality["reason"]
 
 
 def test_protocol_errors_before_model_work(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "plain.jsonl", [{"id": "a", "question": "Q?", "answer": "A."}])
+    path = write_jsonl(tmp_path / "plain.jsonl", [{"id": "a", "question": "Q?", "answer": "Alpha."}])
     missing_model = tmp_path / "no-model"
     missing_model.mkdir()
     expect_error(invoke("eval", "--model", missing_model, "--data", f"forget={path}", "--protocol", "tofu"),

@@ -95,7 +95,14 @@ def mllmu_score(sample: Sample, task: str, generation: str) -> tuple[str, float]
 MLLMU_TASKS = ("mc_image", "mc_text", "gen_image", "gen_text", "fill_image", "fill_text")
 MLLMU_METRICS = tuple(
     f"mllmu.{name}"
-    for name in ("mc_image_acc", "mc_text_acc", "gen_image_rougeL", "gen_text_rougeL", "fill_image_acc", "fill_text_acc")
+    for name in (
+        "mc_image_acc",
+        "mc_text_acc",
+        "gen_image_rougeL",
+        "gen_text_rougeL",
+        "fill_image_acc",
+        "fill_text_acc",
+    )
 )
 
 # --- CLEAR ---------------------------------------------------------------------------------------

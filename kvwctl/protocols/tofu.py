@@ -84,7 +84,9 @@ def truth_ratios(
         for sample, texts in zip(scored, candidates, strict=True)
         for text in texts
     ]
-    scores = iter(score_conversations(loaded, rendered, batch_size=batch_size, tracker=tracker, description=description))
+    scores = iter(
+        score_conversations(loaded, rendered, batch_size=batch_size, tracker=tracker, description=description)
+    )
     ratios = []
     for texts in candidates:
         losses = [-next(scores) for _ in texts]  # mean log-probability per token -> mean loss per token
