@@ -335,3 +335,23 @@ def test_missing_pyarrow_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mo
     result = invoke("data", "convert", "clear", "--from", source, "--split", "forget05", "--out", tmp_path / "o.jsonl")
     expect_error(result, "needs pyarrow, which is not installed")
     assert "kvwctl[benchmarks]" in result.stderr
+
+
+def test_profile_and_eval_accept_converted_clear(tmp_path: Path) -> None:
+    from kvwctl.testing import build_checkpoint
+
+    source = tmp_path / "CLEAR"
+    write_parquet(source / "forget01_perturbed" / "train-00000-of-00001.parquet", clear_rows(True))
+    out = tmp_path / "data" / "forget.jsonl"
+    run_convert("clear", source, "forget01_perturbed", out)
+    model = build_checkpoint("llava", tmp_path / "llava")
+    profile = tmp_path / "forget.safetensors"
+    result = invoke(
+        "profile", "--model", model, "--data", out, "--split", "forget", "--out", profile, "--device", "cpu"
+    )
+    assert result.exit_code == 0, result.output
+    assert profile.is_file()
+    planned = invoke("eval", "--model", model, "--data", f"forget={out}", "--protocol", "clear", "--dry-run", "--json")
+    assert planned.exit_code == 0, planned.output
+    facts = json.loads(planned.stdout)
+    assert facts["settings"]["protocol"] == "clear" and facts["data"]["forget"]["samples"] == 4

@@ -237,7 +237,7 @@ def test_mllmu_protocol_end_to_end(tiny: dict[str, Path], tmp_path: Path) -> Non
     make_image(tmp_path / "p.png", seed=3)
     options = ["Painter", "Baker", "Pilot", "Nurse"]
     common = {"group": "p1", "benchmark": "mllmu"}
-    records = [
+    records: list[dict[str, Any]] = [
         {"id": "qa", "image": "p.png", "question": "Job?", "answer": "Baker.", "task": "qa", **common},
         {"id": "mi", "image": "p.png", "question": "What does he do?", "answer": "Baker", "options": options,
          "option_letters": list("ABCD"), "correct_letter": "B", "task": "mc_image", **common},

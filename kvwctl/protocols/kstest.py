@@ -98,4 +98,5 @@ def kolmogorov_sf(x: float) -> float:
     if x < 1.0:  # the series converges slowly here: the equivalent theta-function form
         terms = sum(math.exp(-((2 * k - 1) ** 2) * math.pi**2 / (8 * x * x)) for k in range(1, 20))
         return max(0.0, min(1.0, 1.0 - math.sqrt(2 * math.pi) / x * terms))
-    return max(0.0, min(1.0, 2 * sum((-1) ** (k - 1) * math.exp(-2 * k * k * x * x) for k in range(1, 101))))
+    series = sum((1.0 if k % 2 else -1.0) * math.exp(-2.0 * k * k * x * x) for k in range(1, 101))
+    return max(0.0, min(1.0, 2.0 * series))
