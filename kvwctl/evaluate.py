@@ -332,7 +332,7 @@ class EvalPlan:
                 "device": self.device,
                 "dtype": options.dtype,
                 "redact": options.redact,
-                "protocol": options.protocol,
+                **({"protocol": options.protocol} if options.protocol else {}),
             },
             "outputs": [
                 output_facts(self.out, "report", force=force),

@@ -355,3 +355,23 @@ def test_profile_and_eval_accept_converted_clear(tmp_path: Path) -> None:
     assert planned.exit_code == 0, planned.output
     facts = json.loads(planned.stdout)
     assert facts["settings"]["protocol"] == "clear" and facts["data"]["forget"]["samples"] == 4
+
+
+def test_converting_needs_no_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    source = tmp_path / "TOFU"
+    source.mkdir()
+    (source / "forget01.json").write_text(json.dumps({"question": "Q?", "answer": "An answer."}) + "\n")
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from kvwctl.cli import app\n"
+        f"result = CliRunner().invoke(app, ['data', 'convert', 'tofu', '--from', {str(source)!r}, '--split', "
+        f"'forget01', '--out', {str(tmp_path / 'o.jsonl')!r}])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert lines(tmp_path / "o.jsonl")[0]["group"] == "author-198"
