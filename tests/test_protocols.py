@@ -241,10 +241,11 @@ def test_mllmu_protocol_end_to_end(tiny: dict[str, Path], tmp_path: Path) -> Non
         {"id": "qa", "image": "p.png", "question": "Job?", "answer": "Baker.", "task": "qa", **common},
         {"id": "mi", "image": "p.png", "question": "What does he do?", "answer": "Baker", "options": options,
          "option_letters": list("ABCD"), "correct_letter": "B", "task": "mc_image", **common},
-        {"id": "mt", "question": "What does P1 do?", "answer": "Pilot", "options": options,
+        {"id": "mt", "image": "p.png", "question": "What does P1 do?", "answer": "Pilot", "options": options,
          "option_letters": list("ABCD"), "correct_letter": "C", "task": "mc_text", **common},
         {"id": "gi", "image": "p.png", "question": "Where was he born?", "answer": "In town one.", "task": "gen_image", **common},
-        {"id": "gt", "question": "Where was P1 born?", "answer": "Town one.", "task": "gen_text", **common},
+        {"id": "gt", "image": "p.png", "question": "Where was P1 born?", "answer": "Town one.", "task": "gen_text",
+         **common},  # a text task: asked without the image it has
         {"id": "fi", "image": "p.png", "question": "He was born in __.", "answer": "town", "task": "fill_image", **common},
         {"id": "ft", "question": "P1 works as a __.", "answer": "e", "task": "fill_text", **common},
     ]  # fmt: skip
@@ -352,3 +353,45 @@ def test_protocol_errors_before_model_work(tmp_path: Path) -> None:
                  "--protocol tofu: no split has a sample it scores")  # fmt: skip
     expect_error(invoke("eval", "--model", missing_model, "--data", f"forget={path}", "--protocol", "nope"),
                  "--protocol", exit_code=2)  # fmt: skip
+
+
+def test_generated_values_asks_text_tasks_without_the_image(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import kvwctl.evaluate
+
+    image = make_image(tmp_path / "p.png", seed=4)
+    asked: list[Sample] = []
+
+    def fake_generate(loaded: Any, samples: list[Sample], **kwargs: Any) -> list[str]:
+        asked.extend(samples)
+        assert kwargs["max_new_tokens"] == NEW_TOKENS
+        return ["B, surely", "c", "In the town.", "x"]
+
+    monkeypatch.setattr(kvwctl.evaluate, "generate_answers", fake_generate)
+    base = mc_sample(task="mc_image")
+    samples = [
+        replace(base, id="a", images=(image,)),
+        replace(base, id="b", images=(image,), extra={**base.extra, "task": "mc_text", "correct_letter": "C"}),
+        Sample(id="c", question="Where?", answer="In the town of Lagos.", images=(image,), extra={"task": "gen_text"}),
+        Sample(id="d", question="Who?", answer="x", extra={"task": "qa"}),  # not an MLLMU-scored task
+        Sample(id="e", question="Born in __.", answer="x", images=(image,), extra={"task": "fill_image"}),
+    ]
+    values, details = generated.generated_values(
+        None,  # type: ignore[arg-type]  # generate_answers is replaced
+        samples,
+        tasks=generated.MLLMU_TASKS,
+        prompt=generated.mllmu_prompt,
+        score=generated.mllmu_score,
+        batch_size=2,
+        tracker=NullTracker(),
+        description="t",
+    )
+    assert [sample.id for sample in asked] == ["a", "b", "c", "e"]
+    assert [sample.images for sample in asked] == [(image,), (), (), (image,)]
+    assert asked[3].question.startswith("Born in [Blank].\nPlease **ONLY**")
+    assert values == {
+        "mllmu.mc_image_acc": [1.0],
+        "mllmu.mc_text_acc": [1.0],
+        "mllmu.gen_text_rougeL": [rouge_l("In the town of Lagos.", "In the town.")[1]],
+        "mllmu.fill_image_acc": [1.0],
+    }
+    assert details["b"] == ("c", "mllmu.mc_text_acc", 1.0)

@@ -154,7 +154,15 @@ def generated_values(
     details: dict[str, tuple[str, str, float]] = {}
     if not chosen:
         return values, details
-    asked = [replace(sample, question=prompt(sample, str(sample.extra["task"]))) for sample in chosen]
+    # A text task is asked without its image (MLLMU's Pure_Text questions), whatever the sample holds.
+    asked = [
+        replace(
+            sample,
+            question=prompt(sample, str(sample.extra["task"])),
+            images=() if str(sample.extra["task"]).endswith("_text") else sample.images,
+        )
+        for sample in chosen
+    ]
     generations = generate_answers(
         loaded, asked, max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size, tracker=tracker, description=description
     )
