@@ -173,8 +173,10 @@ def _process(
         padding_side=padding_side,
         add_special_tokens=flags.pop(),
     )
-    images = [load_image(path) for item in items for path in item.sample.images]
-    if images:
+    # One list of images per sample (empty for a text-only one): processors that count image
+    # placeholders per prompt (Gemma 3, Idefics3, Mllama) need the nesting; the others flatten it.
+    images = [[load_image(path) for path in item.sample.images] for item in items]
+    if any(images):
         kwargs["images"] = images
     return dict(renderer.processor(**kwargs))
 
