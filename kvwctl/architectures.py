@@ -32,7 +32,7 @@ Mixture-of-experts families add their own entries (and fields) beside these.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kvwctl.errors import ModelError
@@ -48,6 +48,7 @@ class Architecture:
     disk_patterns: tuple[str, ...]
     vector_axis: int = 1
     published: str = ""  # the published checkpoints the disk_patterns were checked against
+    image_required: str | None = None  # why every sample must have an image, for the families that need one
 
     def disk_layer(self, tensor_name: str) -> int | None:
         """The decoder-layer index of a down-projection weight stored as ``tensor_name``."""
@@ -67,6 +68,7 @@ class Architecture:
             "disk_patterns": list(self.disk_patterns),
             "vector_axis": self.vector_axis,
             "published": self.published,
+            "image_required": self.image_required is not None,
         }
 
 
@@ -146,7 +148,12 @@ REGISTRY: dict[str, Architecture] = {
         _llava_style("llava_next", "llava-hf/llava-v1.6-mistral-7b-hf"),
         _llava_style("llava_onevision", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"),
         _llava_style("internvl", "OpenGVLab/InternVL3-1B-hf"),
-        _llava_style("mllama", "meta-llama/Llama-3.2-11B-Vision-Instruct"),
+        replace(
+            _llava_style("mllama", "meta-llama/Llama-3.2-11B-Vision-Instruct"),
+            # MllamaTextModel skips its cross-attention layers (and their MLPs) without an image, and
+            # its image processor cannot batch an image-less sample first: no coefficients for them.
+            image_required="Mllama runs its cross-attention layers (and their MLPs) only with an image",
+        ),
         _llava_style("mistral3", "mistralai/Mistral-Small-3.1-24B-Instruct-2503"),
         _text_only("llama", "HuggingFaceTB/SmolLM2-135M-Instruct"),
         _text_only("qwen2"),

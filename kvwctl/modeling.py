@@ -92,7 +92,10 @@ def load_model(checkpoint: Checkpoint, *, device: torch.device, dtype: torch.dty
         checkpoint=checkpoint,
         model=model,
         renderer=ChatRenderer(
-            processor, multimodal=architecture.multimodal, max_tokens=context_length(checkpoint.config)
+            processor,
+            multimodal=architecture.multimodal,
+            max_tokens=context_length(checkpoint.config),
+            image_required=architecture.image_required,
         ),
         down_projections=modules,
         device=device,

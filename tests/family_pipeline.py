@@ -1,10 +1,14 @@
-"""Every family beyond the first six, end to end on a tiny model in its published on-disk layout.
+"""One family end to end on a tiny model in its published on-disk layout (``check_family``).
 
-profile (retain, forget) -> accessor -> apply one-shot and --progressive -> load the output with
-transformers -> generate. Per family: the down projections found on disk are the published names
-(and no vision-tower tensor), exactly the edited layers' down projections change, the one-shot
-edit is ``W * exp(-gamma * E)`` along the registry's vector axis, and both outputs load and
-generate.
+profile (retain, forget) -> accessor -> apply one-shot and --progressive -> load the outputs with
+transformers -> generate. Checked per family: the down projections the registry finds on disk have
+the published names (and none is a vision-tower tensor); exactly the edited layer's down projection
+changes in each output, under its published name; each output is ``W * exp(-gamma * E)`` along the
+registry's vector axis (rows for GPT-2's ``Conv1D``), with ``E`` the accessor's exposure for the
+one-shot output and the exposure the progressive run applied for the other; ``kvwctl verify``
+recomputes the one-shot edit; both outputs load with their transformers classes and generate.
+
+A plain module (like ``helpers.py``); the ``test_families_*.py`` files parametrize it.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 import transformers
+from helpers import invoke
 
 from kvwctl.accessor import run_accessor
+from kvwctl.apply import run_apply
 from kvwctl.architectures import REGISTRY
 from kvwctl.artifacts import ACCESSOR_FORMAT, read_artifact
 from kvwctl.checkpoint import open_checkpoint
@@ -25,7 +30,6 @@ from kvwctl.method import gates
 from kvwctl.options import AccessorOptions, ApplyOptions, ProfileOptions
 from kvwctl.profile import run_profile
 from kvwctl.progressive import run_progressive
-from kvwctl.apply import run_apply
 from kvwctl.source import ModelSpec, resolve_model
 from kvwctl.testing import write_samples
 from kvwctl.testing_families import build_checkpoint
@@ -41,6 +45,13 @@ PUBLISHED = {
     "gpt_neox": "gpt_neox.layers.1.mlp.dense_4h_to_h.weight",
     "qwen3_vl": "model.language_model.layers.1.mlp.down_proj.weight",
     "gemma3": "language_model.model.layers.1.mlp.down_proj.weight",
+    "idefics3": "model.text_model.layers.1.mlp.down_proj.weight",
+    "smolvlm": "model.text_model.layers.1.mlp.down_proj.weight",
+    "llava_next": "language_model.model.layers.1.mlp.down_proj.weight",
+    "llava_onevision": "language_model.model.layers.1.mlp.down_proj.weight",
+    "internvl": "language_model.model.layers.1.mlp.down_proj.weight",
+    "mllama": "language_model.model.layers.1.mlp.down_proj.weight",  # layer 1 is a cross-attention layer
+    "mistral3": "language_model.model.layers.1.mlp.down_proj.weight",
 }
 GAMMA = 0.5
 
@@ -70,7 +81,9 @@ def _generate(checkpoint: Path, model_type: str, image: Path | None) -> str:
     else:
         processor = transformers.AutoTokenizer.from_pretrained(checkpoint)
         content = "Who is this person?"
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
     if architecture.multimodal:
         assert image is not None
         inputs = processor(text=[text], images=[load_image(image)], return_tensors="pt", add_special_tokens=False)
@@ -78,13 +91,15 @@ def _generate(checkpoint: Path, model_type: str, image: Path | None) -> str:
         inputs = processor([text], return_tensors="pt", add_special_tokens=False)
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert output.shape[1] == inputs["input_ids"].shape[1] + 3 or output[0, -1] == model.config.get_text_config().eos_token_id
+    assert (
+        output.shape[1] == inputs["input_ids"].shape[1] + 3
+        or output[0, -1] == model.config.get_text_config().eos_token_id
+    )
     decoded: str = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :])[0]
     return decoded
 
 
-@pytest.mark.parametrize("model_type", sorted(PUBLISHED))
-def test_family_end_to_end(model_type: str, tmp_path: Path) -> None:
+def check_family(model_type: str, tmp_path: Path) -> None:
     architecture = REGISTRY[model_type]
     source = build_checkpoint(model_type, tmp_path / "model")
     checkpoint = open_checkpoint(resolve_model(str(source)))
@@ -95,6 +110,12 @@ def test_family_end_to_end(model_type: str, tmp_path: Path) -> None:
     multimodal = architecture.multimodal
     forget = write_samples(tmp_path / "data" / "forget.jsonl", count=3, with_images=multimodal)
     retain = write_samples(tmp_path / "data" / "retain.jsonl", count=4, with_images=multimodal, offset=3)
+    if architecture.image_required:  # Mllama: an image for every sample
+        for split in (forget, retain):
+            records = [json.loads(line) for line in split.read_text().splitlines()]
+            for record in records:
+                record.setdefault("image", "images/p0.png")
+            split.write_text("".join(json.dumps(record) + "\n" for record in records))
     spec = ModelSpec(str(source))
     retain_profile = run_profile(spec, retain, tmp_path / "r.safetensors", ProfileOptions(split="retain")).path
     forget_profile = run_profile(
@@ -105,22 +126,31 @@ def test_family_end_to_end(model_type: str, tmp_path: Path) -> None:
     assert exposure.numel() == checkpoint.num_vectors(1) and bool((exposure > 0).any())
 
     one_shot = run_apply(spec, accessor, tmp_path / "one-shot", ApplyOptions(gamma=GAMMA, layers="1")).path
+    applied = tmp_path / "progressive.exposure.safetensors"
     progressive = run_progressive(
-        spec, forget, retain_profile, tmp_path / "progressive", ApplyOptions(gamma=GAMMA, layers="1", progressive=True)
+        spec,
+        forget,
+        retain_profile,
+        tmp_path / "progressive",
+        ApplyOptions(gamma=GAMMA, layers="1", progressive=True),
+        exposure_out=applied,
     ).path
+    progressive_exposure = read_artifact(applied, ACCESSOR_FORMAT).layer_tensor(1, "exposure")
 
     before = _all_tensors(source)
-    for out in (one_shot, progressive):
+    shape = [1, 1]
+    shape[architecture.vector_axis] = -1  # vector i: a column, or a row of GPT-2's Conv1D weight
+    original = before[names[1]]
+    for out, layer_exposure in ((one_shot, exposure), (progressive, progressive_exposure)):
         after = _all_tensors(out)
         assert after.keys() == before.keys()  # the published names are kept
         changed = sorted(name for name in before if not torch.equal(before[name], after[name]))
         assert changed == [PUBLISHED[model_type]]
-    # The one-shot edit: vector i (a column, or a row of GPT-2's Conv1D weight) times exp(-gamma * E_i).
-    shape = [1, 1]
-    shape[architecture.vector_axis] = -1
-    expected = (before[names[1]].float() * gates(exposure, GAMMA).reshape(shape)).to(before[names[1]].dtype)
-    assert torch.equal(_tensor(one_shot, names[1]), expected)
+        expected = (original.float() * gates(layer_exposure, GAMMA).reshape(shape)).to(original.dtype)
+        assert torch.equal(after[names[1]], expected)
+    result = invoke("verify", one_shot, "--base", source, "--accessor", accessor)
+    assert result.exit_code == 0, result.output
 
     image = tmp_path / "data" / "images" / "p0.png" if multimodal else None
-    for out in (source, one_shot, progressive):
+    for out in (one_shot, progressive):
         assert isinstance(_generate(out, model_type, image), str)

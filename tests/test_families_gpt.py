@@ -1,0 +1,13 @@
+"""GPT-2 (Conv1D: knowledge vectors are rows), GPT-NeoX and OLMo 2: profile -> accessor -> apply (both modes) -> load -> generate (``family_pipeline``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from family_pipeline import check_family
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "olmo2"])
+def test_family_end_to_end(model_type: str, tmp_path: Path) -> None:
+    check_family(model_type, tmp_path)
