@@ -58,13 +58,24 @@ class Architecture:
                 return int(match.group("layer"))
         return None
 
+    @property
+    def module_path(self) -> str:
+        """The down projection of layer N in memory: ``model.language_model.layers.N.mlp.down_proj``."""
+        return f"{self.decoder_layers}.N.{self.down_proj}"
+
+    @property
+    def disk_layouts(self) -> list[str]:
+        """The ``disk_patterns`` as names, ``N`` for the layer: ``model.layers.N.mlp.down_proj.weight``."""
+        return [pattern.replace(r"(?P<layer>\d+)", "N").replace("\\.", ".") for pattern in self.disk_patterns]
+
     def to_json(self) -> dict[str, Any]:
         """What ``kvwctl architectures --json`` prints for this family."""
         return {
             "model_type": self.model_type,
             "multimodal": self.multimodal,
             "auto_class": self.auto_class,
-            "decoder_layers": f"{self.decoder_layers}.N.{self.down_proj}",
+            "module_path": self.module_path,
+            "disk_layouts": self.disk_layouts,
             "disk_patterns": list(self.disk_patterns),
             "vector_axis": self.vector_axis,
             "published": self.published,
@@ -197,7 +208,7 @@ def get_architecture(model_type: str | None) -> Architecture:
     supported = ", ".join(sorted(REGISTRY))
     raise ModelError(
         f"unsupported model_type {model_type!r}",
-        hint=f"supported model types: {supported}",
+        hint=f"supported model types: {supported} (kvwctl architectures lists their layouts)",
     )
 
 
