@@ -291,9 +291,13 @@ class CoefficientCollector:
         self._sums = [None] * len(self.modules)
         with torch.inference_mode():
             loaded.model(**batch.inputs, use_cache=False, logits_to_keep=1)
+        skipped = [layer for layer, layer_sums in enumerate(self._sums) if layer_sums is None]
+        if skipped:
+            raise ModelError(
+                f"the forward pass did not run the down projection of decoder layers {skipped}",
+                hint="the model skips these layers for this input (Mllama: cross-attention layers without an image)",
+            )
         sums = [layer_sums for layer_sums in self._sums if layer_sums is not None]
-        if len(sums) != len(self.modules):
-            raise ModelError("the forward pass did not run every decoder layer's down projection")
         counts = batch.position_mask.sum(dim=1).to(torch.int64)  # (batch,)
         return sums, counts
 

@@ -367,9 +367,9 @@ def build_gemma3() -> tuple[Any, Any]:
         text_config=_text(tokenizer, sliding_window=16),
         vision_config=_siglip(),
         mm_tokens_per_image=4,
-        boi_token_id=tokenizer.convert_tokens_to_ids("<start_of_image>"),
-        eoi_token_id=tokenizer.convert_tokens_to_ids("<end_of_image>"),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image_soft_token>"),
+        boi_token_index=tokenizer.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image_soft_token>"),
     )
     model = tf.Gemma3ForConditionalGeneration(config)
     image_processor = tf.Gemma3ImageProcessor(size={"height": IMAGE, "width": IMAGE})
@@ -412,6 +412,9 @@ def build_idefics3(model_type: str = "idefics3") -> tuple[Any, Any]:
     )
     tokenizer.chat_template = template
     image_size = {"longest_edge": IMAGE}
+    processor: Any
+    config_class: Any
+    vision_class: Any
     if smolvlm:
         processor = tf.SmolVLMProcessor(
             image_processor=tf.SmolVLMImageProcessor(
@@ -472,7 +475,7 @@ def build_llava_next() -> tuple[Any, Any]:
         vision_config=vision,
         text_config=dict(model_type="mistral", **_text(tokenizer, sliding_window=None)),
         image_grid_pinpoints=grid,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",
     )
     processor = tf.LlavaNextProcessor(
@@ -499,8 +502,8 @@ def build_llava_onevision() -> tuple[Any, Any]:
         vision_config=dict(model_type="siglip_vision_model", **_siglip()),
         text_config=dict(model_type="qwen2", **_text(tokenizer)),
         image_grid_pinpoints=grid,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
     )
@@ -640,7 +643,7 @@ def build_mistral3() -> tuple[Any, Any]:
     config = tf.Mistral3Config(
         vision_config=dict(model_type="pixtral", **vision),
         text_config=dict(model_type="mistral", **_text(tokenizer, sliding_window=None)),
-        image_token_id=tokenizer.convert_tokens_to_ids("[IMG]"),
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
         spatial_merge_size=2,
         vision_feature_layer=-1,
     )

@@ -154,3 +154,23 @@ def test_mllama_refuses_a_sample_without_an_image(tmp_path: Path) -> None:
     result = invoke("profile", "--model", model, "--data", data, "--split", "retain", "--out", out)
     expect_error(result, "image: sample 's1' has none; Mllama runs its cross-attention layers")
     assert not out.exists()
+
+
+def test_a_skipped_decoder_layer_is_named() -> None:
+    import torch
+
+    from kvwctl.errors import ModelError
+    from kvwctl.modeling import CoefficientCollector, EncodedBatch
+
+    layers = [torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)]
+
+    class SkipsLayerOne(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, **_: object) -> torch.Tensor:
+            return layers[0](input_ids)  # layer 1 never runs, as Mllama's cross-attention layers without an image
+
+    class Loaded:
+        model = SkipsLayerOne()
+
+    batch = EncodedBatch(inputs={"input_ids": torch.ones(1, 4, 3)}, position_mask=torch.ones(1, 4, dtype=torch.bool))
+    with CoefficientCollector(layers) as collector, pytest.raises(ModelError, match=r"decoder layers \[1\]"):
+        collector.run(Loaded(), batch)  # type: ignore[arg-type]
