@@ -84,7 +84,13 @@ def load_model(checkpoint: Checkpoint, *, device: torch.device, dtype: torch.dty
     check_loading_info(checkpoint, model, loading_info)
     model.to(device).eval()
     if architecture.multimodal:
-        processor = transformers.AutoProcessor.from_pretrained(checkpoint.path)
+        try:
+            processor = transformers.AutoProcessor.from_pretrained(checkpoint.path)
+        except ImportError as error:  # e.g. SmolVLM's processor needs the num2words package
+            raise ModelError(
+                f"{checkpoint.path}: transformers cannot load the {architecture.model_type} processor: {error}",
+                hint="install the package it names into kvwctl's environment",
+            ) from error
     else:
         processor = transformers.AutoTokenizer.from_pretrained(checkpoint.path)
     modules = down_projection_modules(model, checkpoint)

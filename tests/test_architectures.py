@@ -166,7 +166,10 @@ def test_a_skipped_decoder_layer_is_named() -> None:
 
     class SkipsLayerOne(torch.nn.Module):
         def forward(self, input_ids: torch.Tensor, **_: object) -> torch.Tensor:
-            return layers[0](input_ids)  # layer 1 never runs, as Mllama's cross-attention layers without an image
+            output: torch.Tensor = layers[0](
+                input_ids
+            )  # layer 1 never runs (Mllama's cross-attention without an image)
+            return output
 
     class Loaded:
         model = SkipsLayerOne()
@@ -174,3 +177,20 @@ def test_a_skipped_decoder_layer_is_named() -> None:
     batch = EncodedBatch(inputs={"input_ids": torch.ones(1, 4, 3)}, position_mask=torch.ones(1, 4, dtype=torch.bool))
     with CoefficientCollector(layers) as collector, pytest.raises(ModelError, match=r"decoder layers \[1\]"):
         collector.run(Loaded(), batch)  # type: ignore[arg-type]
+
+
+def test_a_processor_that_needs_a_missing_package_is_a_user_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As SmolVLM's processor without num2words: transformers' ImportError becomes exit 1 naming it."""
+    import transformers
+
+    def needs_a_package(*args: object, **kwargs: object) -> None:
+        raise ImportError("Package `num2words` is required to run SmolVLM processor.")
+
+    model = build_checkpoint("idefics3", tmp_path / "idefics3")
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", needs_a_package)
+    data = write_samples(tmp_path / "retain.jsonl", count=2, with_images=True)
+    result = invoke("profile", "--model", model, "--data", data, "--split", "retain", "--out", tmp_path / "r")
+    expect_error(result, "transformers cannot load the idefics3 processor: Package `num2words` is required")
+    assert not (tmp_path / "r").exists()
