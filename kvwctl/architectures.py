@@ -19,10 +19,11 @@ For every ``model_type`` this is data, not guesswork (DESIGN §5):
   against (README's table of supported models lists them).
 
 Vision-language families keep the language model's layers under their own prefix: the
-``language_model.model.layers.N`` of LLaVA-style checkpoints (Gemma 3, PaliGemma, LLaVA-NeXT,
-LLaVA-OneVision, InternVL-hf, Mllama, Mistral 3), the ``model.language_model.layers.N`` of Qwen3-VL
+``language_model.model.layers.N`` of LLaVA-style checkpoints (Gemma 3, LLaVA-NeXT,
+LLaVA-OneVision, InternVL-hf, Mllama, Mistral 3; PaliGemma too, but its processor rewrites the
+text, so it is not supported: README, "Supported models"), the ``model.language_model.layers.N`` of Qwen3-VL
 (published after the transformers 4.52 refactor, beside ``model.visual.blocks``) and the
-``model.text_model.layers.N`` of Idefics3 / SmolVLM. Every pattern is anchored at the start, so
+``model.text_model.layers.N`` of Idefics3 / SmolVLM. Every pattern must match the whole name, so
 vision towers (``vision_tower.…``, ``model.visual.…``, ``model.vision_model.…``) never match.
 Mllama's cross-attention layers are decoder layers with an MLP like the others: they are numbered
 with the self-attention layers (``text_config.num_hidden_layers`` counts both) and edited alike.
