@@ -1,7 +1,7 @@
 """Tiny vision-language checkpoints for ``kvwctl.testing_families``: real processors, small images.
 
-Every builder returns a real transformers model (two decoder layers, hidden size 32, a one-layer
-vision tower) and its real processor, built offline: the tokenizer is trained on the spot
+Every builder returns a real transformers model (two decoder layers, hidden size 32, one or two
+vision layers) and its real processor, built offline: the tokenizer is trained on the spot
 (``kvwctl.testing_families.trained_tokenizer``), images are 28 pixels (2x2 patches of 14) unless
 the family needs more, and the chat template writes the family's own image placeholder.
 """
