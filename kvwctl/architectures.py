@@ -15,8 +15,8 @@ For every ``model_type`` this is data, not guesswork (DESIGN §5):
   ``weight`` as ``[d_model, m]`` (out, in), so vector ``i`` — the weights multiplying input
   ``a_i`` — is **column** ``i`` (axis 1). GPT-2's ``Conv1D`` stores ``[m, d_model]`` (in, out)
   and computes ``x @ W``, so its vectors are **rows** (axis 0).
-* ``published`` — the published checkpoints whose weight names the ``disk_patterns`` were checked
-  against (README's table of supported models lists them).
+* ``published`` — the family's reference published checkpoint; README's table of supported models
+  says how each layout was checked (published weight names, transformers' load-time renames).
 
 Vision-language families keep the language model's layers under their own prefix: the
 ``language_model.model.layers.N`` of LLaVA-style checkpoints (Gemma 3, LLaVA-NeXT,
@@ -48,7 +48,7 @@ class Architecture:
     down_proj: str
     disk_patterns: tuple[str, ...]
     vector_axis: int = 1
-    published: str = ""  # the published checkpoints the disk_patterns were checked against
+    published: str = ""  # the family's reference published checkpoint (README: how its layout was checked)
     image_required: str | None = None  # why every sample must have an image, for the families that need one
 
     def disk_layer(self, tensor_name: str) -> int | None:
