@@ -13,14 +13,27 @@ For every ``model_type`` this is data, not guesswork (DESIGN §5):
   ``visual.blocks.*``. Vision-tower MLPs never match, so they are never edited.
 * ``vector_axis`` — the axis of the weight that indexes knowledge vectors. ``nn.Linear`` stores
   ``weight`` as ``[d_model, m]`` (out, in), so vector ``i`` — the weights multiplying input
-  ``a_i`` — is **column** ``i`` (axis 1). GPT-2's ``Conv1D`` stores ``[m, d_model]`` and would
-  use rows (axis 0).
+  ``a_i`` — is **column** ``i`` (axis 1). GPT-2's ``Conv1D`` stores ``[m, d_model]`` (in, out)
+  and computes ``x @ W``, so its vectors are **rows** (axis 0).
+* ``published`` — the family's reference published checkpoint; README's table of supported models
+  says how each layout was checked (published weight names, transformers' load-time renames).
+
+Vision-language families keep the language model's layers under their own prefix: the
+``language_model.model.layers.N`` of LLaVA-style checkpoints (Gemma 3, LLaVA-NeXT,
+LLaVA-OneVision, InternVL-hf, Mllama, Mistral 3; PaliGemma too, but its processor rewrites the
+text, so it is not supported: README, "Supported models"), the ``model.language_model.layers.N`` of Qwen3-VL
+(published after the transformers 4.52 refactor, beside ``model.visual.blocks``) and the
+``model.text_model.layers.N`` of Idefics3 / SmolVLM. Every pattern must match the whole name, so
+vision towers (``vision_tower.…``, ``model.visual.…``, ``model.vision_model.…``) never match.
+Mllama's cross-attention layers are decoder layers with an MLP like the others: they are numbered
+with the self-attention layers (``text_config.num_hidden_layers`` counts both) and edited alike.
+Mixture-of-experts families add their own entries (and fields) beside these.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kvwctl.errors import ModelError
@@ -35,6 +48,8 @@ class Architecture:
     down_proj: str
     disk_patterns: tuple[str, ...]
     vector_axis: int = 1
+    published: str = ""  # the family's reference published checkpoint (README: how its layout was checked)
+    image_required: str | None = None  # why every sample must have an image, for the families that need one
 
     def disk_layer(self, tensor_name: str) -> int | None:
         """The decoder-layer index of a down-projection weight stored as ``tensor_name``."""
@@ -44,11 +59,35 @@ class Architecture:
                 return int(match.group("layer"))
         return None
 
+    @property
+    def module_path(self) -> str:
+        """The down projection of layer N in memory: ``model.language_model.layers.N.mlp.down_proj``."""
+        return f"{self.decoder_layers}.N.{self.down_proj}"
+
+    @property
+    def disk_layouts(self) -> list[str]:
+        """The ``disk_patterns`` as names, ``N`` for the layer: ``model.layers.N.mlp.down_proj.weight``."""
+        return [pattern.replace(r"(?P<layer>\d+)", "N").replace("\\.", ".") for pattern in self.disk_patterns]
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``kvwctl architectures --json`` prints for this family."""
+        return {
+            "model_type": self.model_type,
+            "multimodal": self.multimodal,
+            "auto_class": self.auto_class,
+            "module_path": self.module_path,
+            "disk_layouts": self.disk_layouts,
+            "disk_patterns": list(self.disk_patterns),
+            "vector_axis": self.vector_axis,
+            "published": self.published,
+            "image_required": self.image_required is not None,
+        }
+
 
 _DOWN = r"\.layers\.(?P<layer>\d+)\.mlp\.down_proj\.weight"
 
 
-def _text_only(model_type: str) -> Architecture:
+def _text_only(model_type: str, published: str = "") -> Architecture:
     return Architecture(
         model_type=model_type,
         multimodal=False,
@@ -56,6 +95,7 @@ def _text_only(model_type: str) -> Architecture:
         decoder_layers="model.layers",
         down_proj="mlp.down_proj",
         disk_patterns=(r"model" + _DOWN,),
+        published=published,
     )
 
 
@@ -71,23 +111,94 @@ def _qwen_vl(model_type: str) -> Architecture:
     )
 
 
+def _llava_style(model_type: str, published: str) -> Architecture:
+    """A vision-language model whose Hub checkpoints store ``language_model.model.layers.N…``."""
+    return Architecture(
+        model_type=model_type,
+        multimodal=True,
+        auto_class="AutoModelForImageTextToText",
+        decoder_layers="model.language_model.layers",
+        down_proj="mlp.down_proj",
+        # The Hub layout, then the layout of the transformers 5 module tree.
+        disk_patterns=(r"language_model\.model" + _DOWN, r"model\.language_model" + _DOWN),
+        published=published,
+    )
+
+
 REGISTRY: dict[str, Architecture] = {
     architecture.model_type: architecture
     for architecture in (
+        _llava_style("llava", "llava-hf/llava-1.5-7b-hf"),
+        _qwen_vl("qwen2_vl"),
+        _qwen_vl("qwen2_5_vl"),
         Architecture(
-            model_type="llava",
+            model_type="qwen3_vl",
             multimodal=True,
             auto_class="AutoModelForImageTextToText",
             decoder_layers="model.language_model.layers",
             down_proj="mlp.down_proj",
-            # The Hub layout, then the layout of the transformers 5 module tree.
-            disk_patterns=(r"language_model\.model" + _DOWN, r"model\.language_model" + _DOWN),
+            # Published in the module-tree layout, beside model.visual.blocks.N.mlp.linear_fc2.
+            disk_patterns=(r"model\.language_model" + _DOWN,),
+            published="Qwen/Qwen3-VL-2B-Instruct",
         ),
-        _qwen_vl("qwen2_vl"),
-        _qwen_vl("qwen2_5_vl"),
-        _text_only("llama"),
+        _llava_style("gemma3", "google/gemma-3-4b-it"),
+        *(
+            Architecture(
+                model_type=model_type,
+                multimodal=True,
+                auto_class="AutoModelForImageTextToText",
+                decoder_layers="model.text_model.layers",
+                down_proj="mlp.down_proj",
+                disk_patterns=(r"model\.text_model" + _DOWN,),
+                published=published,
+            )
+            for model_type, published in (
+                ("idefics3", "HuggingFaceM4/Idefics3-8B-Llama3"),
+                ("smolvlm", "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"),
+            )
+        ),
+        _llava_style("llava_next", "llava-hf/llava-v1.6-mistral-7b-hf"),
+        _llava_style("llava_onevision", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"),
+        _llava_style("internvl", "OpenGVLab/InternVL3-1B-hf"),
+        replace(
+            _llava_style("mllama", "meta-llama/Llama-3.2-11B-Vision-Instruct"),
+            # MllamaTextModel skips its cross-attention layers (and their MLPs) without an image, and
+            # its image processor cannot batch an image-less sample first: no coefficients for them.
+            image_required="Mllama runs its cross-attention layers (and their MLPs) only with an image",
+        ),
+        _llava_style("mistral3", "mistralai/Mistral-Small-3.1-24B-Instruct-2503"),
+        _text_only("llama", "HuggingFaceTB/SmolLM2-135M-Instruct"),
         _text_only("qwen2"),
         _text_only("mistral"),
+        _text_only("qwen3", "Qwen/Qwen3-0.6B"),
+        _text_only("gemma2", "google/gemma-2-2b-it"),
+        _text_only("gemma3_text", "google/gemma-3-1b-it"),
+        # Fused gate_up_proj; the down projection's input is still act(gate) * up.
+        _text_only("phi3", "microsoft/Phi-3-mini-4k-instruct"),
+        _text_only("olmo2", "allenai/OLMo-2-1124-7B-Instruct"),
+        Architecture(
+            model_type="gpt2",
+            multimodal=False,
+            auto_class="AutoModelForCausalLM",
+            decoder_layers="transformer.h",
+            down_proj="mlp.c_proj",
+            # The Hub's GPT-2 weights have no prefix; save_pretrained writes "transformer.".
+            disk_patterns=(
+                r"h\.(?P<layer>\d+)\.mlp\.c_proj\.weight",
+                r"transformer\.h\.(?P<layer>\d+)\.mlp\.c_proj\.weight",
+            ),
+            vector_axis=0,  # Conv1D: weight (m, d_model), the output is a @ W
+            published="openai-community/gpt2",
+        ),
+        Architecture(
+            model_type="gpt_neox",
+            multimodal=False,
+            auto_class="AutoModelForCausalLM",
+            decoder_layers="gpt_neox.layers",
+            down_proj="mlp.dense_4h_to_h",
+            disk_patterns=(r"gpt_neox\.layers\.(?P<layer>\d+)\.mlp\.dense_4h_to_h\.weight",),
+            published="EleutherAI/pythia-160m",
+        ),
     )
 }
 
@@ -98,7 +209,7 @@ def get_architecture(model_type: str | None) -> Architecture:
     supported = ", ".join(sorted(REGISTRY))
     raise ModelError(
         f"unsupported model_type {model_type!r}",
-        hint=f"supported model types: {supported}",
+        hint=f"supported model types: {supported} (kvwctl architectures lists their layouts)",
     )
 
 
@@ -107,8 +218,9 @@ def num_decoder_layers(config: dict[str, Any]) -> int:
     text_config = config.get("text_config")
     if isinstance(text_config, dict) and isinstance(text_config.get("num_hidden_layers"), int):
         return int(text_config["num_hidden_layers"])
-    if isinstance(config.get("num_hidden_layers"), int):
-        return int(config["num_hidden_layers"])
+    for key in ("num_hidden_layers", "n_layer"):  # n_layer: GPT-2's config.json
+        if isinstance(config.get(key), int):
+            return int(config[key])
     raise ModelError("config.json gives no num_hidden_layers for the language model")
 
 
@@ -116,7 +228,8 @@ def context_length(config: dict[str, Any]) -> int | None:
     """The language model's context in tokens (``max_position_embeddings``), if config.json gives it."""
     text_config = config.get("text_config")
     for source in (text_config if isinstance(text_config, dict) else {}, config):
-        value = source.get("max_position_embeddings")
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+        for key in ("max_position_embeddings", "n_positions"):  # n_positions: GPT-2's config.json
+            value = source.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
     return None

@@ -663,6 +663,24 @@ def plot(
     _emit(result.path, result.summary(), json_output)
 
 
+@command()
+def architectures(json_output: JsonOption = False, debug: DebugOption = False) -> None:
+    """List the supported model types: modality, module path in memory, on-disk layouts, vector axis."""
+    from kvwctl.architectures import REGISTRY
+
+    families = [REGISTRY[model_type] for model_type in sorted(REGISTRY)]
+    if json_output:
+        typer.echo(json.dumps([family.to_json() for family in families], indent=2))
+        return
+    # One tab-separated line per model type (cut -f1 gives the names); the header goes to stderr.
+    console.info("model_type\tmodality\tin memory (transformers 5)\ton disk\tvector axis")
+    for family in families:
+        modality = "image+text" if family.multimodal else "text"
+        axis = "rows (0)" if family.vector_axis == 0 else "columns (1)"
+        layouts = " | ".join(family.disk_layouts)
+        typer.echo(f"{family.model_type}\t{modality}\t{family.module_path}\t{layouts}\t{axis}")
+
+
 # --- data: benchmark adapters ------------------------------------------------------------------
 
 data_app = typer.Typer(no_args_is_help=True, help="Benchmark data: convert a published benchmark to kvwctl samples.")

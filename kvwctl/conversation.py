@@ -68,8 +68,11 @@ class RenderedSample:
 class ChatRenderer:
     """Renders samples with a model's chat template and locates their answers."""
 
-    def __init__(self, processor: Any, *, multimodal: bool, max_tokens: int | None = None) -> None:
+    def __init__(
+        self, processor: Any, *, multimodal: bool, max_tokens: int | None = None, image_required: str | None = None
+    ) -> None:
         self.processor = processor
+        self.image_required = image_required  # why every sample needs an image (Mllama), or None
         self.max_tokens = max_tokens  # the model's context; a longer sample is refused
         self.tokenizer = processor.tokenizer if multimodal else processor
         self.multimodal = multimodal
@@ -89,6 +92,8 @@ class ChatRenderer:
         self.bos_token_id = self.tokenizer.bos_token_id
 
     def messages(self, sample: Sample, *, with_answer: bool) -> list[dict[str, Any]]:
+        if self.image_required and not sample.images:
+            raise DataError(f"{sample.source}: image: sample {sample.id!r} has none; {self.image_required}")
         if self.multimodal:
             user: Any = [{"type": "image"} for _ in sample.images] + [{"type": "text", "text": sample.question}]
             assistant: Any = [{"type": "text", "text": sample.answer}]

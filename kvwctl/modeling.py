@@ -84,7 +84,13 @@ def load_model(checkpoint: Checkpoint, *, device: torch.device, dtype: torch.dty
     check_loading_info(checkpoint, model, loading_info)
     model.to(device).eval()
     if architecture.multimodal:
-        processor = transformers.AutoProcessor.from_pretrained(checkpoint.path)
+        try:
+            processor = transformers.AutoProcessor.from_pretrained(checkpoint.path)
+        except ImportError as error:  # e.g. SmolVLM's processor needs the num2words package
+            raise ModelError(
+                f"{checkpoint.path}: transformers cannot load the {architecture.model_type} processor: {error}",
+                hint="install the package it names into kvwctl's environment",
+            ) from error
     else:
         processor = transformers.AutoTokenizer.from_pretrained(checkpoint.path)
     modules = down_projection_modules(model, checkpoint)
@@ -92,7 +98,10 @@ def load_model(checkpoint: Checkpoint, *, device: torch.device, dtype: torch.dty
         checkpoint=checkpoint,
         model=model,
         renderer=ChatRenderer(
-            processor, multimodal=architecture.multimodal, max_tokens=context_length(checkpoint.config)
+            processor,
+            multimodal=architecture.multimodal,
+            max_tokens=context_length(checkpoint.config),
+            image_required=architecture.image_required,
         ),
         down_projections=modules,
         device=device,
@@ -173,8 +182,10 @@ def _process(
         padding_side=padding_side,
         add_special_tokens=flags.pop(),
     )
-    images = [load_image(path) for item in items for path in item.sample.images]
-    if images:
+    # One list of images per sample (empty for a text-only one): processors that count image
+    # placeholders per prompt (Gemma 3, Idefics3, Mllama) need the nesting; the others flatten it.
+    images = [[load_image(path) for path in item.sample.images] for item in items]
+    if any(images):
         kwargs["images"] = images
     return dict(renderer.processor(**kwargs))
 
@@ -286,9 +297,13 @@ class CoefficientCollector:
         self._sums = [None] * len(self.modules)
         with torch.inference_mode():
             loaded.model(**batch.inputs, use_cache=False, logits_to_keep=1)
+        skipped = [layer for layer, layer_sums in enumerate(self._sums) if layer_sums is None]
+        if skipped:
+            raise ModelError(
+                f"the forward pass did not run the down projection of decoder layers {skipped}",
+                hint="the model skips these layers for this input (Mllama: cross-attention layers without an image)",
+            )
         sums = [layer_sums for layer_sums in self._sums if layer_sums is not None]
-        if len(sums) != len(self.modules):
-            raise ModelError("the forward pass did not run every decoder layer's down projection")
         counts = batch.position_mask.sum(dim=1).to(torch.int64)  # (batch,)
         return sums, counts
 

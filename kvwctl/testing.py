@@ -1,4 +1,6 @@
-"""Tiny random checkpoints of every registered architecture, built offline.
+"""Tiny random checkpoints of the first six registered architectures, built offline.
+
+The families added later are built by ``kvwctl.testing_families``, in their published layouts.
 
 Used by the test suite and by ``examples/tiny_demo.sh``: each checkpoint is a real transformers
 model (config, safetensors shards, tokenizer, processor, chat template) with a few thousand
