@@ -131,6 +131,8 @@ class ProfilePlan:
     def facts(self) -> dict[str, Any]:
         """What a dry run prints (``kvwctl.plans``)."""
         options = self.options
+        shard = str(self.world.shard) if self.world is not None else options.shard
+        scale_out = {"shard": shard, "checkpoint_every": options.checkpoint_every, "resume": options.resume}
         return {
             "command": self.command,
             "model": checkpoint_facts(self.checkpoint),
@@ -143,9 +145,7 @@ class ProfilePlan:
                 "device": self.device,
                 "dtype": self.dtype,
                 "redact": options.redact,
-                "shard": str(self.world.shard) if self.world is not None else options.shard,
-                "checkpoint_every": options.checkpoint_every,
-                "resume": options.resume,
+                **{key: value for key, value in scale_out.items() if value},  # only those given
             },
             "outputs": [output_facts(self.out, "profile", force=options.force)],
         }

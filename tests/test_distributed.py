@@ -130,7 +130,7 @@ def test_two_gloo_ranks_give_the_single_run(setup: dict[str, Path], tmp_path: Pa
 def test_shard_options_are_refused_under_torchrun(setup: dict[str, Path], tmp_path: Path) -> None:
     world = World(rank=0, size=2, local_rank=0, device="cpu", backend="gloo")
     for given, flags in (("--shard", {"shard": "1/2"}), ("--resume", {"resume": True})):
-        options = ProfileOptions(split="forget", **flags)  # type: ignore[arg-type]
+        options = ProfileOptions(split="forget", **flags)
         with pytest.raises(UsageError, match=f"{given} does not apply under torchrun"):
             plan_profile(ModelSpec(str(setup["model"])), setup["forget-data"], tmp_path / "f", options, world=world)
 

@@ -43,7 +43,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "retain-data": write_samples(root / "retain.jsonl", count=9, with_images=False, offset=7),
     }
     for split in ("forget", "retain"):
-        base = ["profile", "--model", files["model"], "--data", files[f"{split}-data"], "--split", split]
+        base: list[str | Path] = ["profile", "--model", files["model"], "--data", files[f"{split}-data"]]
+        base += ["--split", split]
         base += ["--batch-size", "2"]
         files[split] = root / f"{split}.safetensors"
         result = invoke(*base, "--out", files[split])
@@ -153,7 +154,7 @@ def test_merge_refusals(setup: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_shard_usage_errors(setup: dict[str, Path], tmp_path: Path) -> None:
-    base = ["profile", "--model", setup["model"], "--data", setup["forget-data"], "--split", "forget"]
+    base: list[str | Path] = ["profile", "--model", setup["model"], "--data", setup["forget-data"], "--split", "forget"]
     expect_error(
         invoke(*base, "--shard", "5/5", "--batch-size", "2", "--out", tmp_path / "f"),
         "--shard 5/5: 7 samples make 4 batches of 2, too few for 5 shards",
