@@ -225,7 +225,7 @@ def write_profile(
     Used by ``execute_profile`` and by ``kvwctl tune``, which profiles with the model it has loaded.
     With ``--shard`` (or under torchrun, ``world``) only the shard's samples are profiled
     (``kvwctl.shards``); with ``--checkpoint-every`` / ``--resume`` the run checkpoints and resumes
-    (``kvwctl.resume``). Under torchrun only rank 0 writes; the other ranks return without a path.
+    (``kvwctl.resume``). Under torchrun only rank 0 writes; the other ranks return a result with ``written=False``.
     """
 
     split, positions, batch_size = options.split, options.positions, options.batch_size
