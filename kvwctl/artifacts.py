@@ -104,10 +104,11 @@ def read_artifact(path: Path, expected_format: str) -> Artifact:
 # --- validation ----------------------------------------------------------------------------------
 
 _MODEL_KEYS = ("model", "model_fingerprint", "num_layers", "positions")
+_SHARD_KEYS = ("shard_index", "shard_count", "shard_samples", "data_num_samples")
 _REQUIRED_METADATA = {
     PROFILE_FORMAT: (*_MODEL_KEYS, "split"),
     ACCESSOR_FORMAT: (*_MODEL_KEYS, "mode", "batch_size"),
-    PROFILE_PART_FORMAT: (*_MODEL_KEYS, "split", "shard_index", "shard_count", "shard_samples", "data_num_samples"),
+    PROFILE_PART_FORMAT: (*_MODEL_KEYS, "split", "batch_size", *_SHARD_KEYS),
     PROFILE_RESUME_FORMAT: (*_MODEL_KEYS, "split", "batches_done"),
 }
 

@@ -143,7 +143,7 @@ def _check_parts(parts: Sequence[Artifact]) -> list[Artifact]:
                     f"{first.metadata.get(key)!r} vs {part.metadata.get(key)!r}",
                     hint="merge the shards of one run: the same model, data and options",
                 )
-    count = int(first.metadata["shard_count"])
+    count = _positive_int(first, "shard_count")
     by_number: dict[int, Artifact] = {}
     for part in parts:
         if part.metadata["shard_count"] != str(count):
