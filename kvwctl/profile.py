@@ -30,7 +30,7 @@ from kvwctl.checkpoint import Checkpoint, open_checkpoint
 from kvwctl.conversation import RenderedSample
 from kvwctl.data import Sample, load_samples
 from kvwctl.distributed import World, gather_profile
-from kvwctl.errors import UsageError
+from kvwctl.errors import Terminated, UsageError
 from kvwctl.files import file_sha256
 from kvwctl.modeling import (
     CoefficientCollector,
@@ -258,15 +258,19 @@ def write_profile(
     )
     new = None
     if remaining:
-        new = collect_sums(
-            loaded,
-            [rendered[index] for index in remaining],
-            positions=positions,
-            batch_size=batch_size,
-            tracker=tracker,
-            description=f"profile {split}",
-            on_batch=checkpointer,
-        )
+        try:
+            new = collect_sums(
+                loaded,
+                [rendered[index] for index in remaining],
+                positions=positions,
+                batch_size=batch_size,
+                tracker=tracker,
+                description=f"profile {split}",
+                on_batch=checkpointer,
+            )
+        except (KeyboardInterrupt, Terminated):
+            checkpointer.save_unsaved()  # Ctrl-C or SIGTERM: keep the batches finished since the last checkpoint
+            raise
     sums, counts = combine(previous, remaining, new, torch_device)
     tensors = profile_tensors(split, sums, counts)
     metadata |= {

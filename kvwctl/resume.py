@@ -3,8 +3,8 @@
     kvwctl profile --split retain --checkpoint-every 50          # killed after batch 120
     kvwctl profile --split retain --checkpoint-every 50 --resume # continues after batch 100
 
-With ``--checkpoint-every N`` the run writes, after every N-th batch, a **resume sidecar** next to
-its output, ``<out>.resume`` (format ``kvwctl.profile-resume/1``, written atomically): the
+With ``--checkpoint-every N`` the run writes, after every N-th batch (and on Ctrl-C or SIGTERM, with
+the batches finished since), a **resume sidecar** next to its output, ``<out>.resume`` (format ``kvwctl.profile-resume/1``, written atomically): the
 per-sample float64 rows ``layers.N.sum`` (done, m) and ``count`` (done,) of every sample profiled
 so far (for a retain run too: the pooled sums are formed from them at the end, exactly as an
 uninterrupted run forms them), ``sample_indices`` (done,), their indices in the data file, and
@@ -137,6 +137,7 @@ class Checkpointer:
         )
         self.positions = positions
         self.every = every
+        self.saved = progress.batches_done  # the batches the sidecar on disk holds
 
     def __call__(self, indices: Sequence[int], sums: list[torch.Tensor], counts: torch.Tensor) -> None:
         """One batch done: its samples' positions in the profiled list, rows (batch, m) per layer, counts."""
@@ -163,6 +164,12 @@ class Checkpointer:
         tensors["sample_indices"] = torch.tensor(progress.sample_indices, dtype=torch.int64)  # (done,)
         metadata = {"format": PROFILE_RESUME_FORMAT, **self.identity, "batches_done": str(progress.batches_done)}
         write_artifact(self.path, tensors, metadata)
+        self.saved = progress.batches_done
+
+    def save_unsaved(self) -> None:
+        """On an interrupt: write the batches finished since the last checkpoint, if checkpointing."""
+        if self.every is not None and self.progress.batches_done > self.saved:
+            self.save()
 
     def remove(self) -> None:
         """The profile is written: its checkpoint is no longer needed."""

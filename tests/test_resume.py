@@ -77,19 +77,20 @@ def test_interrupted_run_resumes_to_the_same_bytes(
         metadata = dict(stream.metadata() or {})
         indices = stream.get_tensor("sample_indices")
         rows = stream.get_tensor("layers.2.sum")
-    assert metadata["format"] == "kvwctl.profile-resume/1" and metadata["batches_done"] == "2"
+    # Checkpointed after batch 2, and batch 3 saved on the interrupt.
+    assert metadata["format"] == "kvwctl.profile-resume/1" and metadata["batches_done"] == "3"
     assert (metadata["split"], metadata["batch_size"], metadata["samples"]) == (split, "2", "[0, 7]")
-    assert indices.tolist() == [0, 1, 2, 3] and rows.shape[0] == 4
+    assert indices.tolist() == [0, 1, 2, 3, 4, 5] and rows.shape[0] == 6
     if split == "forget":  # the checkpointed rows are the uninterrupted run's
         with safe_open(str(setup["forget"]), framework="pt") as stream:
-            assert torch.equal(rows, stream.get_tensor("layers.2.sum")[:4])
+            assert torch.equal(rows, stream.get_tensor("layers.2.sum")[:6])
 
     # Without --resume the checkpoint is not thrown away.
     expect_error(invoke(*args), "the checkpoint of an unfinished profile run")
     calls = interrupt_after(monkeypatch, 10**6, keyboard_interrupt)  # count the forward passes only
     result = invoke(*args, "--resume")
     assert result.exit_code == 0, result.output
-    assert calls[0] == 2  # batches 3 and 4 only
+    assert calls[0] == 1  # batch 4 only
     assert out.read_bytes() == setup[split].read_bytes()
     assert not sidecar.exists()
 
@@ -98,10 +99,17 @@ def test_resume_refuses_another_runs_checkpoint(
     setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "forget.safetensors"
-    args = [*profile_args(setup, "forget"), "--out", out, "--checkpoint-every", "1"]
+    args = [*profile_args(setup, "forget"), "--out", out, "--checkpoint-every", "2"]
+
+    def crash() -> None:  # not an interrupt: only the periodic checkpoint is on disk, as after a kill
+        raise RuntimeError("crashed")
+
     with monkeypatch.context() as patch:
-        interrupt_after(patch, 1, keyboard_interrupt)
-        assert invoke(*args).exit_code == 130
+        interrupt_after(patch, 3, crash)
+        assert isinstance(invoke(*args).exception, RuntimeError)
+    with safe_open(str(sidecar_path(out)), framework="pt") as stream:
+        assert (stream.metadata() or {})["batches_done"] == "2"
+        assert stream.get_tensor("sample_indices").tolist() == [0, 1, 2, 3]
     other = invoke(*args, "--resume", "--positions", "all")
     expect_error(other, f"{sidecar_path(out)} was written by another run: positions is 'answer' there, 'all' now")
     # --force without --resume starts over (and the finished run removes the old checkpoint).
