@@ -165,6 +165,12 @@ def plan_profile(
         )
     samples = load_samples(data)
     shard = world.shard if world is not None else parse_shard(options.shard) if options.shard else None
+    if world is not None and batch_count(len(samples), options.batch_size) < world.size:
+        raise UsageError(
+            f"{len(samples)} samples make {batch_count(len(samples), options.batch_size)} batches of "
+            f"{options.batch_size}, too few for {world.size} torchrun ranks",
+            hint="use fewer ranks (--nproc-per-node) or a smaller --batch-size",
+        )
     if shard is not None:
         shard_samples(len(samples), options.batch_size, shard)  # enough batches for every shard
     checkpoint = open_checkpoint(resolve_model(model.reference, model.revision))

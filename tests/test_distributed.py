@@ -133,6 +133,10 @@ def test_shard_options_are_refused_under_torchrun(setup: dict[str, Path], tmp_pa
         options = ProfileOptions(split="forget", **flags)
         with pytest.raises(UsageError, match=f"{given} does not apply under torchrun"):
             plan_profile(ModelSpec(str(setup["model"])), setup["forget-data"], tmp_path / "f", options, world=world)
+    big = World(rank=0, size=5, local_rank=0, device="cpu", backend="gloo")
+    with pytest.raises(UsageError, match="7 samples make 4 batches of 2, too few for 5 torchrun ranks"):
+        options = ProfileOptions(split="forget", batch_size=2)
+        plan_profile(ModelSpec(str(setup["model"])), setup["forget-data"], tmp_path / "f", options, world=big)
 
 
 @pytest.mark.slow
