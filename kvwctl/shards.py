@@ -118,7 +118,7 @@ def merge_parts(parts: Sequence[Artifact]) -> tuple[dict[str, torch.Tensor], dic
         tensors["count"] = count  # ()
     else:
         tensors["count"] = torch.cat([part.tensors["count"] for part in ordered])  # (samples,)
-    sample_ids = [sample_id for part in ordered for sample_id in json.loads(part.metadata.get("sample_ids", "[]"))]
+    sample_ids = [sample_id for part in ordered for sample_id in _sample_ids(part)]
     devices = sorted({part.metadata.get("device", "") for part in ordered})
     metadata = {key: value for key, value in first.metadata.items() if key not in SHARD_KEYS}
     metadata |= {
@@ -184,6 +184,17 @@ def _check_parts(parts: Sequence[Artifact]) -> list[Artifact]:
         if rows != held:
             raise ArtifactError(f"{part.path}: {rows} count entries for samples {found}; expected {held}")
     return ordered
+
+
+def _sample_ids(part: Artifact) -> list[str]:
+    """A part's ``sample_ids`` (a JSON list of strings), one per sample it holds."""
+    try:
+        ids = json.loads(part.metadata.get("sample_ids", "[]"))
+    except ValueError:
+        ids = None
+    if not isinstance(ids, list) or not all(isinstance(sample_id, str) for sample_id in ids):
+        raise ArtifactError(f"{part.path}: metadata sample_ids is not a JSON list of strings")
+    return ids
 
 
 def _positive_int(part: Artifact, key: str) -> int:
