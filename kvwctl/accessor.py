@@ -19,12 +19,15 @@ the ids of a redacted forget profile are hashes already and are copied as they a
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kvwctl.artifacts import (
     PROFILE_FORMAT,
+    PROFILE_PART_FORMAT,
     Artifact,
     check_same_model,
     exposure_metadata,
@@ -39,6 +42,7 @@ from kvwctl.options import AccessorOptions
 from kvwctl.outputs import check_outputs
 from kvwctl.plans import output_facts
 from kvwctl.redact import Redactor
+from kvwctl.shards import format_of, merged_artifact
 
 
 @dataclass(frozen=True)
@@ -57,9 +61,24 @@ class AccessorResult:
         }
 
 
-def load_profiles(forget_path: Path, retain_path: Path) -> tuple[Artifact, Artifact]:
-    forget = read_artifact(forget_path, PROFILE_FORMAT)
-    retain = read_artifact(retain_path, PROFILE_FORMAT)
+ProfilePaths = Path | Sequence[Path]  # one profile, or the partial profiles of its shards
+
+
+def profile_paths(paths: ProfilePaths) -> tuple[Path, ...]:
+    return (paths,) if isinstance(paths, Path) else tuple(paths)
+
+
+def read_profile(paths: ProfilePaths) -> Artifact:
+    """A profile file, or the shards of one (``profile --shard``) merged in memory (``kvwctl.shards``)."""
+    paths = profile_paths(paths)
+    if len(paths) == 1 and format_of(paths[0]) != PROFILE_PART_FORMAT:
+        return read_artifact(paths[0], PROFILE_FORMAT)
+    return merged_artifact(paths)
+
+
+def load_profiles(forget_path: ProfilePaths, retain_path: ProfilePaths) -> tuple[Artifact, Artifact]:
+    forget = read_profile(forget_path)
+    retain = read_profile(retain_path)
     for artifact, split in ((forget, "forget"), (retain, "retain")):
         if artifact.metadata.get("split") != split:
             raise ArtifactError(
@@ -85,6 +104,8 @@ class AccessorPlan:
     batches: list[range]
     out: Path
     options: AccessorOptions
+    forget_paths: tuple[Path, ...] = ()  # the files read: one profile or its shards
+    retain_paths: tuple[Path, ...] = ()
     command: str = "accessor"
 
     def facts(self) -> dict[str, Any]:
@@ -109,9 +130,15 @@ class AccessorPlan:
         }
 
 
-def plan_accessor(forget_profile: Path, retain_profile: Path, out: Path, options: AccessorOptions) -> AccessorPlan:
-    """Every check ``run_accessor`` makes before computing: the output, both profiles, their layers."""
-    check_outputs(files=[out], inputs=[forget_profile, retain_profile], force=options.force)
+def plan_accessor(
+    forget_profile: ProfilePaths, retain_profile: ProfilePaths, out: Path, options: AccessorOptions
+) -> AccessorPlan:
+    """Every check ``run_accessor`` makes before computing: the output, both profiles, their layers.
+
+    Either profile may be given as the partial profiles of its shards: they are merged first.
+    """
+    forget_paths, retain_paths = profile_paths(forget_profile), profile_paths(retain_profile)
+    check_outputs(files=[out], inputs=[*forget_paths, *retain_paths], force=options.force)
     forget, retain = load_profiles(forget_profile, retain_profile)
     retain_by_layer = retain_coefficients(retain)
     for layer in range(forget.num_layers):
@@ -122,12 +149,20 @@ def plan_accessor(forget_profile: Path, retain_profile: Path, out: Path, options
                 f"{retain_by_layer[layer].shape[0]}"
             )
     batches = batch_ranges(forget.tensors["count"].numel(), options.batch_size)
-    return AccessorPlan(forget=forget, retain=retain, batches=batches, out=out, options=options)
+    return AccessorPlan(
+        forget=forget,
+        retain=retain,
+        batches=batches,
+        out=out,
+        options=options,
+        forget_paths=forget_paths,
+        retain_paths=retain_paths,
+    )
 
 
 def run_accessor(
-    forget_profile: Path,
-    retain_profile: Path,
+    forget_profile: ProfilePaths,
+    retain_profile: ProfilePaths,
     out: Path,
     options: AccessorOptions,
 ) -> AccessorResult:
@@ -159,13 +194,21 @@ def execute_accessor(plan: AccessorPlan) -> AccessorResult:
         mode="one-shot",
         batches=batches,
         sample_ids=sample_ids,
-        forget_profile=redactor.text(str(forget.path)),
-        forget_profile_sha256=file_sha256(forget.path),
-        retain_profile=redactor.text(str(retain.path)),
-        retain_profile_sha256=file_sha256(retain.path),
+        **_source_metadata("forget_profile", plan.forget_paths or (forget.path,), redactor),
+        **_source_metadata("retain_profile", plan.retain_paths or (retain.path,), redactor),
         **redactor.metadata(),
     )
     write_artifact(plan.out, tensors, metadata)
     return AccessorResult(
         path=plan.out, num_batches=len(batches), batch_size=options.batch_size, layers=summarize_exposures(exposures)
     )
+
+
+def _source_metadata(key: str, paths: tuple[Path, ...], redactor: Redactor) -> dict[str, str]:
+    """``key`` and ``key_sha256`` of the profile read: its path and sha256, or JSON lists of its shards'."""
+    if len(paths) == 1:
+        return {key: redactor.text(str(paths[0])), f"{key}_sha256": file_sha256(paths[0])}
+    return {
+        key: json.dumps([redactor.text(str(path)) for path in paths]),
+        f"{key}_sha256": json.dumps([file_sha256(path) for path in paths]),
+    }

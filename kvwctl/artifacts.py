@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 PROFILE_FORMAT = "kvwctl.profile/1"
 ACCESSOR_FORMAT = "kvwctl.accessor/1"
+# A shard's share of a profile (``profile --shard i/N``), merged by ``profile merge`` (kvwctl.shards),
+# and the checkpoint of an unfinished profile run (``--checkpoint-every``, kvwctl.resume).
+PROFILE_PART_FORMAT = "kvwctl.profile-part/1"
+PROFILE_RESUME_FORMAT = "kvwctl.profile-resume/1"
 
 
 def model_metadata(checkpoint: Checkpoint, fingerprint: str) -> dict[str, str]:
@@ -100,14 +104,19 @@ def read_artifact(path: Path, expected_format: str) -> Artifact:
 # --- validation ----------------------------------------------------------------------------------
 
 _MODEL_KEYS = ("model", "model_fingerprint", "num_layers", "positions")
+_SHARD_KEYS = ("shard_index", "shard_count", "shard_samples", "data_num_samples")
 _REQUIRED_METADATA = {
     PROFILE_FORMAT: (*_MODEL_KEYS, "split"),
     ACCESSOR_FORMAT: (*_MODEL_KEYS, "mode", "batch_size"),
+    PROFILE_PART_FORMAT: (*_MODEL_KEYS, "split", "batch_size", *_SHARD_KEYS),
+    PROFILE_RESUME_FORMAT: (*_MODEL_KEYS, "split", "batches_done"),
 }
 
 
 def artifact_problems(format: str, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> list[str]:
     """Everything wrong with a stage file of ``format``, each naming the metadata key or tensor."""
+    import torch
+
     missing = [key for key in _REQUIRED_METADATA[format] if key not in metadata]
     if missing:
         return [f"metadata has no {', '.join(missing)}"]
@@ -116,8 +125,14 @@ def artifact_problems(format: str, metadata: dict[str, str], tensors: dict[str, 
         if not metadata[key].isdecimal() or int(metadata[key]) < 1:
             return [f"metadata {key} is {metadata[key]!r}; expected a positive integer"]
     num_layers = int(metadata["num_layers"])
-    if format == PROFILE_FORMAT:
+    if format in (PROFILE_FORMAT, PROFILE_PART_FORMAT):
         return _profile_problems(metadata["split"], num_layers, tensors)
+    if format == PROFILE_RESUME_FORMAT:  # per-sample rows whatever the split, and where they belong
+        problems = _profile_problems("forget", num_layers, tensors)
+        count = tensors.get("count")
+        expected = (count.numel(),) if count is not None else (-1,)
+        problem = _tensor_problem("sample_indices", tensors.get("sample_indices"), torch.int64, expected)
+        return problems + ([problem] if problem is not None else [])
     return _accessor_problems(num_layers, tensors)
 
 

@@ -101,7 +101,9 @@ RedactOption = Annotated[
 ]
 
 
-def command(name: str | None = None, *, group: typer.Typer | None = None) -> Callable[[F], F]:
+def command(
+    name: str | None = None, *, register: Callable[[Callable[..., Any]], Any] | None = None
+) -> Callable[[F], F]:
     """Register a command (named after the function unless ``name`` is given) and give it the
     single error-handling site of the CLI.
 
@@ -109,11 +111,12 @@ def command(name: str | None = None, *, group: typer.Typer | None = None) -> Cal
     stderr, printed as plain text; an interrupt exits 130, SIGTERM 143 and SIGHUP 129 (the
     signals are handled only while the command runs). With ``--debug`` the exception
     propagates with its traceback; an exception without an exit code is a bug and always does.
+    ``register`` puts the wrapped function elsewhere than ``app.command`` (a group's callback).
     """
-    return functools.partial(_register, name=name, group=group)
+    return functools.partial(_register, name=name, register=register)
 
 
-def _register(function: F, *, name: str | None, group: typer.Typer | None = None) -> F:
+def _register(function: F, *, name: str | None, register: Callable[[Callable[..., Any]], Any] | None = None) -> F:
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         flags = dict(
@@ -126,7 +129,7 @@ def _register(function: F, *, name: str | None, group: typer.Typer | None = None
                 given = ", ".join(
                     f"{key}={'<hidden>' if key in SECRET_ARGUMENTS else value}"
                     for key, value in kwargs.items()
-                    if value is not None and value is not False
+                    if value is not None and value is not False and not isinstance(value, typer.Context)
                 )
                 console.debug(f"kvwctl {name or function.__name__}: {given}")
                 with termination_signals_raise():
@@ -142,7 +145,7 @@ def _register(function: F, *, name: str | None, group: typer.Typer | None = None
                 console.error(message, hint=hint, label=label)
                 raise typer.Exit(code) from None
 
-    (group or app).command(name=name)(wrapper)
+    (register or app.command(name=name))(wrapper)
     return function
 
 
@@ -183,9 +186,18 @@ def root(
 # --- commands ------------------------------------------------------------------------------------
 
 
-@command()
+# `kvwctl profile` is a group: its callback is the profile command itself (`kvwctl profile --split
+# retain ...`), and `kvwctl profile merge PART...` joins the partial profiles of `--shard K/N` runs.
+profile_app = typer.Typer(
+    name="profile", no_args_is_help=False, rich_markup_mode=None, pretty_exceptions_show_locals=False
+)
+app.add_typer(profile_app)
+
+
+@command("profile", register=profile_app.callback(invoke_without_command=True))
 def profile(
-    split: Annotated[str, _option(ProfileOptions, "split")],
+    ctx: typer.Context,
+    split: Annotated[str | None, _option(ProfileOptions, "split")] = None,
     model: ModelOption = None,
     revision: RevisionOption = None,
     data: Annotated[Path | None, _flag("--data", "JSON Lines samples [kvw.toml: splits.<split>]")] = None,
@@ -196,6 +208,9 @@ def profile(
     dtype: Annotated[str | None, _option(ProfileOptions, "dtype")] = None,
     redact: RedactOption = None,
     force: ForceOption = False,
+    shard: Annotated[str | None, _option(ProfileOptions, "shard")] = None,
+    checkpoint_every: Annotated[int | None, _option(ProfileOptions, "checkpoint_every")] = None,
+    resume: Annotated[bool, _option(ProfileOptions, "resume")] = False,
     dry_run: DryRunOption = False,
     config: ConfigOption = None,
     json_output: JsonOption = False,
@@ -204,28 +219,64 @@ def profile(
     log_file: LogFileOption = None,
     debug: DebugOption = False,
 ) -> None:
-    """Knowledge coefficients of a data split: mean |input| of every down projection."""
+    """Knowledge coefficients of a data split: mean |input| of every down projection.
+
+    Under torchrun every rank profiles a share and rank 0 writes; 'profile merge' joins --shard runs.
+    """
+    if ctx.invoked_subcommand is not None:  # `profile merge ...`: the group's own options are not given
+        given = [name for name, value in locals().items() if name != "ctx" and value]
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} is not an option of 'profile {ctx.invoked_subcommand}'")
+        return
+    import contextlib
+
+    from kvwctl.distributed import environment_rank, torchrun_world
     from kvwctl.profile import execute_profile, plan_profile
 
     project = load_config(config)
-    options = fill(
-        ProfileOptions,
-        dict(split=split, positions=positions, batch_size=batch_size, device=device, dtype=dtype, force=force)
-        | {"redact": redact},
-        project,
-    )
+    flags = dict(split=split, positions=positions, batch_size=batch_size, device=device, dtype=dtype, force=force)
+    flags |= dict(shard=shard, checkpoint_every=checkpoint_every, resume=resume)
+    options = fill(ProfileOptions, flags | {"redact": redact}, project)
     spec = project.model_spec(model, revision)
     data = require(data or project.split(options.split), flag="--data", key=f"splits.{options.split}")
     out = out or project.workdir / f"profile-{options.split}.safetensors"
-    shown = {"model": spec.reference, "data": data, "out": out, "revision": spec.revision}
-    _show_inputs("profile", shown | {key: value for key, value in vars(options).items() if key != "force"})
-    plan = plan_profile(spec, data, out, options)
-    if dry_run:
-        return _dry_run(plan, json_output)
-    with console.progress_tracker() as tracker:
-        result = execute_profile(plan, tracker=tracker)
+    with contextlib.ExitStack() as stack:
+        if environment_rank() > 0:  # torchrun's other ranks: only errors on stderr, nothing on stdout
+            stack.enter_context(console.session(quiet=True, debug=debug))
+        world = stack.enter_context(torchrun_world(options.device))
+        shown = {"model": spec.reference, "data": data, "out": out, "revision": spec.revision}
+        _show_inputs("profile", shown | {key: value for key, value in vars(options).items() if key != "force"})
+        plan = plan_profile(spec, data, out, options, world=world)
+        if dry_run:
+            return _dry_run(plan, json_output) if environment_rank() == 0 else None
+        with console.progress_tracker() as tracker:
+            result = execute_profile(plan, tracker=tracker)
+    if not result.written:
+        return
     console.info(
         f"Profiled {result.num_samples} samples, {result.num_positions} positions, {result.num_layers} layers "
+        f"-> {console.shown_path(result.path)}"
+    )
+    _emit(result.path, result.summary(), json_output)
+
+
+@command("merge", register=profile_app.command("merge"))
+def profile_merge(
+    parts: Annotated[list[Path], typer.Argument(metavar="PART", help="The partial profiles of every shard")],
+    out: Annotated[Path, _flag("--out", "The merged profile")],
+    force: ForceOption = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    log_file: LogFileOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Join the partial profiles of 'profile --shard K/N' runs into the profile one run writes."""
+    from kvwctl.shards import run_merge
+
+    result = run_merge(parts, out, force=force)
+    console.info(
+        f"Merged {result.num_shards} shards: {result.num_samples} samples, {result.num_positions} positions "
         f"-> {console.shown_path(result.path)}"
     )
     _emit(result.path, result.summary(), json_output)
@@ -234,10 +285,12 @@ def profile(
 @command()
 def accessor(
     forget: Annotated[
-        Path | None, _flag("--forget", "Forget profile [default: <workdir>/profile-forget.safetensors]")
+        list[Path] | None,
+        _flag("--forget", "Forget profile, or repeated: its shards [default: <workdir>/profile-forget.safetensors]"),
     ] = None,
     retain: Annotated[
-        Path | None, _flag("--retain", "Retain profile [default: <workdir>/profile-retain.safetensors]")
+        list[Path] | None,
+        _flag("--retain", "Retain profile, or repeated: its shards [default: <workdir>/profile-retain.safetensors]"),
     ] = None,
     out: Annotated[Path | None, _flag("--out", "Output file [default: <workdir>/accessor.safetensors]")] = None,
     batch_size: Annotated[int | None, _option(AccessorOptions, "batch_size")] = None,
@@ -259,10 +312,11 @@ def accessor(
     project = load_config(config)
     flags = dict(batch_size=batch_size, save_batches=save_batches, redact=redact, force=force)
     options = fill(AccessorOptions, flags, project)
-    forget = forget or project.workdir / "profile-forget.safetensors"
-    retain = retain or project.workdir / "profile-retain.safetensors"
+    forget = forget or [project.workdir / "profile-forget.safetensors"]
+    retain = retain or [project.workdir / "profile-retain.safetensors"]
     out = out or project.workdir / "accessor.safetensors"
-    _show_inputs("accessor", {"forget": forget, "retain": retain, "out": out, "batch_size": options.batch_size})
+    shown = {"forget": ", ".join(map(str, forget)), "retain": ", ".join(map(str, retain)), "out": out}
+    _show_inputs("accessor", shown | {"batch_size": options.batch_size})
     plan = plan_accessor(forget, retain, out, options)
     if dry_run:
         return _dry_run(plan, json_output)
@@ -687,7 +741,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Benchmark data: convert a pub
 app.add_typer(data_app, name="data")
 
 
-@command("convert", group=data_app)
+@command("convert", register=data_app.command("convert"))
 def data_convert(
     benchmark: Annotated[str, typer.Argument(metavar="BENCH", help="mllmu, clear or tofu")],
     source: Annotated[Path, _flag("--from", "The benchmark as published, a local directory (parquet or JSON)")],

@@ -168,6 +168,12 @@ def _layers_option(help: str) -> Any:
     return option(":", help, key="layers", check=_layers_problem, shown_default="all")
 
 
+def _shard_problem(value: str) -> str | None:
+    from kvwctl.shards import parse_shard
+
+    return _space_problem(parse_shard)(value)
+
+
 # --- the stages' options -------------------------------------------------------------------------
 
 
@@ -187,6 +193,13 @@ class ProfileOptions:
     dtype: str = _dtype_option("auto, float32, bfloat16 or float16")
     redact: bool = _redact_option()
     force: bool = option(False, "Replace an existing output.")
+    shard: str | None = option(
+        None,
+        "Profile only shard K/N of the samples and write a partial profile (kvwctl profile merge joins them)",
+        check=_shard_problem,
+    )
+    checkpoint_every: int | None = option(None, "Checkpoint the sums to <out>.resume every N batches", minimum=1)
+    resume: bool = option(False, "Continue from <out>.resume, the checkpoint of an interrupted run.")
 
     def __post_init__(self) -> None:
         _validate(self)

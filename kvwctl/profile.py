@@ -20,6 +20,7 @@ Sums are float64, accumulated on the model's device; padding is never profiled. 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,8 @@ from kvwctl.artifacts import PROFILE_FORMAT, model_metadata, write_artifact
 from kvwctl.checkpoint import Checkpoint, open_checkpoint
 from kvwctl.conversation import RenderedSample
 from kvwctl.data import Sample, load_samples
+from kvwctl.distributed import World, gather_profile
+from kvwctl.errors import Terminated, UsageError
 from kvwctl.files import file_sha256
 from kvwctl.modeling import (
     CoefficientCollector,
@@ -43,6 +46,8 @@ from kvwctl.outputs import check_outputs
 from kvwctl.plans import batch_count, checkpoint_facts, data_facts, output_facts
 from kvwctl.progress import NullTracker, Tracker
 from kvwctl.redact import Redactor
+from kvwctl.resume import Checkpointer, Progress, check_sidecar, combine, load_progress, run_identity
+from kvwctl.shards import parse_shard, part_metadata, shard_samples
 from kvwctl.source import ModelSpec, resolve_model
 
 if TYPE_CHECKING:
@@ -57,6 +62,7 @@ class ProfileResult:
     num_positions: int
     num_layers: int
     fingerprint: str
+    written: bool = True  # False on a torchrun rank other than 0: rank 0 writes the profile
 
     def summary(self) -> dict[str, Any]:
         """What ``--json`` prints beside the path."""
@@ -69,6 +75,9 @@ class ProfileResult:
         }
 
 
+BatchCallback = Callable[[Sequence[int], list["torch.Tensor"], "torch.Tensor"], None]
+
+
 def collect_sums(
     loaded: LoadedModel,
     rendered: list[RenderedSample],
@@ -77,19 +86,29 @@ def collect_sums(
     batch_size: int,
     tracker: Tracker,
     description: str,
+    on_batch: BatchCallback | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-sample float64 sums ``(samples, m)`` for every layer, and counts ``(samples,)``."""
+    """Per-sample float64 sums ``(samples, m)`` for every layer, and counts ``(samples,)``.
+
+    ``on_batch(indices, sums, counts)`` is called after every batch with the positions of its
+    samples in ``rendered``, their sums ``(batch, m)`` per layer and counts ``(batch,)`` (resume
+    checkpoints, ``kvwctl.resume``). Batches are formed from ``rendered`` alone, so the samples left
+    after whole batches are batched as they were in the whole list: resume relies on it.
+    """
     import torch
 
     layer_sums: list[list[torch.Tensor]] = [[] for _ in loaded.down_projections]
     counts: list[torch.Tensor] = []
-    batches = [rendered[start : start + batch_size] for start in range(0, len(rendered), batch_size)]
+    batches = [range(start, min(start + batch_size, len(rendered))) for start in range(0, len(rendered), batch_size)]
     with CoefficientCollector(loaded.down_projections) as collector:
         for batch in tracker.track(batches, total=len(rendered), description=description, unit="samples", size=len):
-            sums, batch_counts = collector.run(loaded, encode_batch(loaded, batch, positions=positions))
+            encoded = encode_batch(loaded, [rendered[index] for index in batch], positions=positions)
+            sums, batch_counts = collector.run(loaded, encoded)
             for layer, layer_batch in enumerate(sums):
                 layer_sums[layer].append(layer_batch)
             counts.append(batch_counts)
+            if on_batch is not None:
+                on_batch(batch, sums, batch_counts)
     # (samples, m) per layer; (samples,)
     return [torch.cat(chunks) for chunks in layer_sums], torch.cat(counts)
 
@@ -106,11 +125,14 @@ class ProfilePlan:
     options: ProfileOptions
     device: str
     dtype: str
+    world: World | None = None  # under torchrun (kvwctl.distributed)
     command: str = "profile"
 
     def facts(self) -> dict[str, Any]:
         """What a dry run prints (``kvwctl.plans``)."""
         options = self.options
+        shard = str(self.world.shard) if self.world is not None else options.shard
+        scale_out = {"shard": shard, "checkpoint_every": options.checkpoint_every, "resume": options.resume}
         return {
             "command": self.command,
             "model": checkpoint_facts(self.checkpoint),
@@ -123,18 +145,39 @@ class ProfilePlan:
                 "device": self.device,
                 "dtype": self.dtype,
                 "redact": options.redact,
+                **{key: value for key, value in scale_out.items() if value},  # only those given
             },
             "outputs": [output_facts(self.out, "profile", force=options.force)],
         }
 
 
-def plan_profile(model: ModelSpec, data: Path, out: Path, options: ProfileOptions) -> ProfilePlan:
-    """Every check ``run_profile`` makes before loading the model: data, checkpoint, output."""
+def plan_profile(
+    model: ModelSpec, data: Path, out: Path, options: ProfileOptions, *, world: World | None = None
+) -> ProfilePlan:
+    """Every check ``run_profile`` makes before loading the model: data, checkpoint, output, shares."""
+    import torch
+
+    if world is not None and (options.shard or options.resume or options.checkpoint_every):
+        given = "--shard" if options.shard else "--resume" if options.resume else "--checkpoint-every"
+        raise UsageError(
+            f"{given} does not apply under torchrun: the ranks share the samples",
+            hint="run separate jobs with --shard K/N (each can --checkpoint-every and --resume), then profile merge",
+        )
     samples = load_samples(data)
+    shard = world.shard if world is not None else parse_shard(options.shard) if options.shard else None
+    if world is not None and batch_count(len(samples), options.batch_size) < world.size:
+        raise UsageError(
+            f"{len(samples)} samples make {batch_count(len(samples), options.batch_size)} batches of "
+            f"{options.batch_size}, too few for {world.size} torchrun ranks",
+            hint="use fewer ranks (--nproc-per-node) or a smaller --batch-size",
+        )
+    if shard is not None:
+        shard_samples(len(samples), options.batch_size, shard)  # enough batches for every shard
     checkpoint = open_checkpoint(resolve_model(model.reference, model.revision))
     images = [image for sample in samples for image in sample.images]
     check_outputs(files=[out], inputs=[*checkpoint.input_paths, data, *images], force=options.force)
-    torch_device = select_device(options.device)
+    check_sidecar(out, resume=options.resume, force=options.force)
+    torch_device = torch.device(world.device) if world is not None else select_device(options.device)
     torch_dtype = select_dtype(options.dtype, torch_device, checkpoint.config)
     return ProfilePlan(
         model=model,
@@ -145,6 +188,7 @@ def plan_profile(model: ModelSpec, data: Path, out: Path, options: ProfileOption
         options=options,
         device=str(torch_device),
         dtype=str(torch_dtype).removeprefix("torch."),
+        world=world,
     )
 
 
@@ -166,7 +210,9 @@ def execute_profile(plan: ProfilePlan, *, tracker: Tracker | None = None) -> Pro
     torch_dtype = getattr(torch, plan.dtype)
     with tracker.status(f"Loading {plan.model.reference}"):
         loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
-    return write_profile(loaded, fingerprint, plan.samples, plan.data, plan.out, plan.options, tracker=tracker)
+    return write_profile(
+        loaded, fingerprint, plan.samples, plan.data, plan.out, plan.options, tracker=tracker, world=plan.world
+    )
 
 
 def write_profile(
@@ -178,20 +224,92 @@ def write_profile(
     options: ProfileOptions,
     *,
     tracker: Tracker,
+    world: World | None = None,
 ) -> ProfileResult:
     """Profile ``samples`` (read from ``data``) on a loaded model and write the profile to ``out``.
 
     Used by ``execute_profile`` and by ``kvwctl tune``, which profiles with the model it has loaded.
+    With ``--shard`` (or under torchrun, ``world``) only the shard's samples are profiled
+    (``kvwctl.shards``); with ``--checkpoint-every`` / ``--resume`` the run checkpoints and resumes
+    (``kvwctl.resume``). Under torchrun only rank 0 writes; the other ranks return a result with ``written=False``.
     """
 
     split, positions, batch_size = options.split, options.positions, options.batch_size
     checkpoint, torch_device, torch_dtype = loaded.checkpoint, loaded.device, loaded.dtype
     redactor = Redactor.create(enabled=options.redact)
     rendered = render_all(loaded.renderer, samples)
+    shard = world.shard if world is not None else parse_shard(options.shard) if options.shard else None
+    selection = shard_samples(len(samples), batch_size, shard) if shard is not None else range(len(samples))
+    metadata = {
+        "format": PROFILE_FORMAT,
+        **model_metadata(checkpoint, fingerprint),
+        "split": split,
+        "data": redactor.text(str(data)),
+        "data_sha256": file_sha256(data),
+        "positions": positions,
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "accumulation_dtype": "float64",
+        "batch_size": str(batch_size),
+        "device": str(torch_device),
+        **redactor.metadata(),
+    }
 
-    sums, counts = collect_sums(
-        loaded, rendered, positions=positions, batch_size=batch_size, tracker=tracker, description=f"profile {split}"
+    # Select the samples (a shard's, those a checkpoint has not done), profile them, reduce.
+    identity = run_identity(metadata, shard=str(shard) if shard is not None else "", samples=selection)
+    previous = load_progress(out, identity, selection) if options.resume else Progress()
+    done = set(previous.sample_indices)
+    remaining = [index for index in selection if index not in done]
+    checkpointer = Checkpointer(
+        out, identity, previous, positions=remaining, every=options.checkpoint_every, num_layers=checkpoint.num_layers
     )
+    new = None
+    if remaining:
+        try:
+            new = collect_sums(
+                loaded,
+                [rendered[index] for index in remaining],
+                positions=positions,
+                batch_size=batch_size,
+                tracker=tracker,
+                description=f"profile {split}",
+                on_batch=checkpointer,
+            )
+        except (KeyboardInterrupt, Terminated):
+            checkpointer.save_unsaved()  # Ctrl-C or SIGTERM: keep the batches finished since the last checkpoint
+            raise
+    sums, counts = combine(previous, remaining, new, torch_device)
+    tensors = profile_tensors(split, sums, counts)
+    metadata |= {
+        "num_samples": str(len(selection)),
+        "num_positions": str(int(counts.sum())),
+        "sample_ids": json.dumps(redactor.ids([samples[index].id for index in selection])),
+    }
+    if world is not None:
+        metadata = part_metadata(metadata, world.shard, selection, len(samples))
+        merged = gather_profile(world, tensors, metadata, num_samples=len(samples), batch_size=batch_size, out=out)
+        if merged is None:  # not rank 0: the profile is rank 0's to write
+            return ProfileResult(
+                out, split, len(selection), int(counts.sum()), checkpoint.num_layers, fingerprint, written=False
+            )
+        tensors, metadata = merged
+        metadata["sample_ids"] = json.dumps(redactor.ids([sample.id for sample in samples]))  # one redaction key
+        selection = range(len(samples))
+    elif shard is not None:
+        metadata = part_metadata(metadata, shard, selection, len(samples))
+    write_artifact(out, tensors, metadata)
+    checkpointer.remove()
+    return ProfileResult(
+        path=out,
+        split=split,
+        num_samples=len(selection),
+        num_positions=int(metadata["num_positions"]),
+        num_layers=checkpoint.num_layers,
+        fingerprint=fingerprint,
+    )
+
+
+def profile_tensors(split: str, sums: list[torch.Tensor], counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A profile's tensors from per-sample rows: pooled for retain, as they are for forget."""
     tensors: dict[str, torch.Tensor] = {}
     if split == "retain":
         for layer, layer_sums in enumerate(sums):
@@ -201,28 +319,4 @@ def write_profile(
         for layer, layer_sums in enumerate(sums):
             tensors[f"layers.{layer}.sum"] = layer_sums.cpu()  # (samples, m)
         tensors["count"] = counts.cpu()  # (samples,)
-    metadata = {
-        "format": PROFILE_FORMAT,
-        **model_metadata(checkpoint, fingerprint),
-        "split": split,
-        "data": redactor.text(str(data)),
-        "data_sha256": file_sha256(data),
-        "num_samples": str(len(samples)),
-        "num_positions": str(int(counts.sum())),
-        "positions": positions,
-        "dtype": str(torch_dtype).removeprefix("torch."),
-        "accumulation_dtype": "float64",
-        "batch_size": str(batch_size),
-        "device": str(torch_device),
-        "sample_ids": json.dumps(redactor.ids([sample.id for sample in samples])),
-        **redactor.metadata(),
-    }
-    write_artifact(out, tensors, metadata)
-    return ProfileResult(
-        path=out,
-        split=split,
-        num_samples=len(samples),
-        num_positions=int(counts.sum()),
-        num_layers=checkpoint.num_layers,
-        fingerprint=fingerprint,
-    )
+    return tensors

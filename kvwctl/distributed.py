@@ -1,0 +1,164 @@
+"""Data-parallel profiling under ``torchrun``: every rank a share of the samples, rank 0 writes.
+
+    torchrun --nproc-per-node 4 -m kvwctl profile --split retain --model M --data retain.jsonl
+
+``torchrun`` sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``; with a world of more than one process
+``kvwctl profile`` initialises ``torch.distributed`` once (NCCL when the ranks run on CUDA, gloo on the
+CPU; a process group the caller initialised is used as it is). Rank ``r`` runs on
+``cuda:LOCAL_RANK`` (``--device auto`` or ``cuda``) or the CPU (``--device cpu``, or ``auto``
+without CUDA) and profiles the share of shard ``r+1`` of the world size (``kvwctl.shards``: whole
+batches of the single run). At the end the ranks' sums and counts are gathered on rank 0, which
+merges them exactly as ``kvwctl profile merge`` merges shard files (retain: the pooled float64
+sums added in rank order; forget: the per-sample rows in sample order) and alone writes the
+profile (atomically) and prints; the other ranks print nothing but errors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kvwctl.artifacts import Artifact
+from kvwctl.errors import KvwError, UsageError
+from kvwctl.shards import Shard, merge_parts, shard_samples
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a torchrun world."""
+
+    rank: int
+    size: int
+    local_rank: int
+    device: str  # the torch device this rank profiles on
+    backend: str  # nccl or gloo
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def shard(self) -> Shard:
+        return Shard(self.rank + 1, self.size)
+
+
+def environment_rank(environment: Mapping[str, str] | None = None) -> int:
+    """``RANK`` as torchrun sets it (0 outside a world): ranks above 0 print nothing."""
+    environment = os.environ if environment is None else environment
+    world = _world_variables(environment)
+    return world[0] if world is not None else 0
+
+
+def _world_variables(environment: Mapping[str, str]) -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) from torchrun's variables; None for a single process."""
+    if "WORLD_SIZE" not in environment:
+        return None
+    values = {name: environment.get(name, "0") for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    if not all(value.isdecimal() for value in values.values()):
+        shown = ", ".join(f"{name}={value!r}" for name, value in values.items())
+        raise UsageError(f"torchrun's variables are not integers: {shown}")
+    size, rank, local_rank = (int(values[name]) for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+    if size <= 1:
+        return None
+    if rank >= size:
+        raise UsageError(f"RANK {rank} is not below WORLD_SIZE {size}")
+    return rank, size, local_rank
+
+
+def rank_device(name: str, local_rank: int) -> str:
+    """The device of a rank for a ``--device`` value: ``cuda:LOCAL_RANK`` for auto/cuda with CUDA, else cpu."""
+    import torch
+
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if name not in ("auto", "cuda"):
+        raise UsageError(
+            f"--device {name} under torchrun: every rank runs on cuda:LOCAL_RANK",
+            hint="pass --device cuda (or auto), or cpu; choose the GPUs with CUDA_VISIBLE_DEVICES",
+        )
+    if not torch.cuda.is_available():
+        raise KvwError(f"--device {name} was asked for but CUDA is not available", hint="use --device cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise KvwError(f"LOCAL_RANK {local_rank} has no GPU: {torch.cuda.device_count()} visible")
+    return f"cuda:{local_rank}"
+
+
+@contextmanager
+def torchrun_world(device: str, environment: Mapping[str, str] | None = None) -> Iterator[World | None]:
+    """This process's ``World`` under torchrun (the process group initialised once), else None."""
+    variables = _world_variables(os.environ if environment is None else environment)
+    if variables is None:
+        yield None
+        return
+    import torch
+    import torch.distributed as dist
+
+    rank, size, local_rank = variables
+    rank_device_name = rank_device(device, local_rank)
+    backend = "nccl" if rank_device_name.startswith("cuda") else "gloo"
+    initialised_here = not dist.is_initialized()
+    if initialised_here:
+        if backend == "nccl":
+            torch.cuda.set_device(rank_device_name)
+        dist.init_process_group(backend)
+    try:
+        yield World(rank=rank, size=size, local_rank=local_rank, device=rank_device_name, backend=backend)
+    finally:
+        if initialised_here:
+            dist.destroy_process_group()
+
+
+def gather_profile(
+    world: World,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    *,
+    num_samples: int,
+    batch_size: int,
+    out: Path,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """Every rank's part (a partial profile in memory) gathered and merged on rank 0; None elsewhere."""
+    import torch
+    import torch.distributed as dist
+
+    split, num_layers = metadata["split"], int(metadata["num_layers"])
+    shares = [shard_samples(num_samples, batch_size, Shard(rank + 1, world.size)) for rank in range(world.size)]
+    rows = [len(share) if split == "forget" else 1 for share in shares]
+    names = [f"layers.{layer}.sum" for layer in range(num_layers)]
+    # One flat buffer per rank, padded to the largest share: (rows, sum of m over layers) float64
+    # and (rows,) counts, so that one tensor gather of equal sizes works with NCCL and gloo alike.
+    local = torch.cat([tensors[name].reshape(rows[world.rank], -1) for name in names], dim=1)
+    widths = [tensors[name].shape[-1] for name in names]
+    communication = torch.device(world.device if world.backend == "nccl" else "cpu")
+    padded = torch.zeros(max(rows), local.shape[1], dtype=torch.float64, device=communication)
+    padded[: rows[world.rank]] = local.to(communication)
+    counts = torch.zeros(max(rows), dtype=torch.int64, device=communication)
+    counts[: rows[world.rank]] = tensors["count"].reshape(-1).to(communication)
+    gathered_metadata: list[object] | None = [None] * world.size if world.is_main else None
+    dist.gather_object(metadata, gathered_metadata, dst=0)
+    gathered = [torch.empty_like(padded) for _ in range(world.size)] if world.is_main else None
+    gathered_counts = [torch.empty_like(counts) for _ in range(world.size)] if world.is_main else None
+    dist.gather(padded, gathered, dst=0)
+    dist.gather(counts, gathered_counts, dst=0)
+    if gathered is None or gathered_counts is None or gathered_metadata is None:
+        return None
+    parts = []
+    for rank in range(world.size):
+        flat = gathered[rank][: rows[rank]].cpu()
+        layer_tensors = torch.split(flat, widths, dim=1)  # (rows, m) per layer
+        part: dict[str, torch.Tensor] = {}
+        for name, rank_rows in zip(names, layer_tensors, strict=True):
+            part[name] = rank_rows.reshape(-1).clone() if split == "retain" else rank_rows.clone()
+        rank_counts = gathered_counts[rank][: rows[rank]].cpu()
+        part["count"] = rank_counts.reshape(()) if split == "retain" else rank_counts
+        rank_metadata = gathered_metadata[rank]
+        assert isinstance(rank_metadata, dict)
+        parts.append(Artifact(path=Path(f"{out} (rank {rank})"), metadata=rank_metadata, tensors=part))
+    return merge_parts(parts)
