@@ -40,10 +40,12 @@ from kvwctl.modeling import (
 )
 from kvwctl.options import ProfileOptions
 from kvwctl.outputs import check_outputs
+from kvwctl.placement import Placement
 from kvwctl.plans import batch_count, checkpoint_facts, data_facts, output_facts
 from kvwctl.progress import NullTracker, Tracker
 from kvwctl.redact import Redactor
 from kvwctl.source import ModelSpec, resolve_model
+from kvwctl.visioncache import cache_directory
 
 if TYPE_CHECKING:
     import torch
@@ -134,7 +136,7 @@ def plan_profile(model: ModelSpec, data: Path, out: Path, options: ProfileOption
     checkpoint = open_checkpoint(resolve_model(model.reference, model.revision))
     images = [image for sample in samples for image in sample.images]
     check_outputs(files=[out], inputs=[*checkpoint.input_paths, data, *images], force=options.force)
-    torch_device = select_device(options.device)
+    torch_device = select_device(options.device, placement=Placement.from_options(options))
     torch_dtype = select_dtype(options.dtype, torch_device, checkpoint.config)
     return ProfilePlan(
         model=model,
@@ -165,7 +167,13 @@ def execute_profile(plan: ProfilePlan, *, tracker: Tracker | None = None) -> Pro
     torch_device = torch.device(plan.device)
     torch_dtype = getattr(torch, plan.dtype)
     with tracker.status(f"Loading {plan.model.reference}"):
-        loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
+        loaded = load_model(
+            checkpoint,
+            device=torch_device,
+            dtype=torch_dtype,
+            placement=Placement.from_options(plan.options),
+            vision_cache=cache_directory(plan.options),
+        )
     return write_profile(loaded, fingerprint, plan.samples, plan.data, plan.out, plan.options, tracker=tracker)
 
 
