@@ -222,6 +222,7 @@ def write_profile(
         "accumulation_dtype": "float64",
         "batch_size": str(batch_size),
         "device": str(torch_device),
+        **({"device_map": json.dumps(loaded.placement.describe(loaded.model))} if loaded.placement else {}),
         "sample_ids": json.dumps(redactor.ids([sample.id for sample in samples])),
         **redactor.metadata(),
     }

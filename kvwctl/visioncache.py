@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvwctl.checkpoint import Checkpoint
-from kvwctl.errors import ModelError
+from kvwctl.errors import KvwError, ModelError
 from kvwctl.files import file_sha256, save_safetensors_atomically
 
 if TYPE_CHECKING:
@@ -106,6 +106,12 @@ class VisionCache:
         import torch
         import transformers
 
+        resolved, model_dir = directory.resolve(), checkpoint.path.resolve()
+        if resolved == model_dir or model_dir in resolved.parents:
+            raise KvwError(
+                f"--vision-cache {directory} is inside the checkpoint {checkpoint.path}",
+                hint="choose a folder outside the model directory",
+            )
         image_processor = getattr(processor, "image_processor", None)
         if image_processor is None:
             raise ModelError(f"{checkpoint.path}: the processor has no image processor for the vision-feature cache")

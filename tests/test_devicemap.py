@@ -110,8 +110,8 @@ def test_progressive_apply_edits_offloaded_layers_as_the_plain_run(
     retain = tmp_path / "retain.safetensors"
     result = invoke("profile", "--split", "retain", "--model", model, "--data", data["retain"], "--out", retain)
     assert result.exit_code == 0, result.output
-    common = ("apply", "--model", model, "--progressive", "--forget-data", data["forget"], "--retain", retain)
-    common += ("--gamma", "1", "--layers", "0:2")  # layers 1 and 2 are on disk
+    common: tuple[str | Path, ...] = ("apply", "--model", model, "--progressive", "--forget-data", data["forget"])
+    common += ("--retain", retain, "--gamma", "1", "--layers", "0:2")  # layers 1 and 2 are on disk
     assert invoke(*common, "--out", tmp_path / "plain").exit_code == 0
     result = invoke(*common, "--out", tmp_path / "mapped", "--device-map", device_map)
     assert result.exit_code == 0, result.output
@@ -162,7 +162,15 @@ def test_tune_trials_weaken_and_restore_offloaded_weights(checkpoints: dict[str,
 
 
 def test_placement_errors(checkpoints: dict[str, Path], data: dict[str, Path], tmp_path: Path) -> None:
-    common = ("profile", "--split", "forget", "--model", checkpoints["llava"], "--data", data["forget"])
+    common: tuple[str | Path, ...] = (
+        "profile",
+        "--split",
+        "forget",
+        "--model",
+        checkpoints["llava"],
+        "--data",
+        data["forget"],
+    )
     common += ("--out", tmp_path / "out.safetensors")
     expect_error(invoke(*common, "--device-map", "auto", "--device", "cpu"), "--device and --device-map", 2)
     expect_error(invoke(*common, "--max-memory", "cpu=1GB"), "--max-memory applies with --device-map only", 2)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import copy_checkpoint, invoke
+from helpers import copy_checkpoint, expect_error, invoke
 from safetensors.torch import load_file, save_file
 
 from kvwctl.testing import make_image
@@ -53,7 +53,7 @@ def images_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _profile(model: Path, data: Path, out: Path, *extra: str) -> dict[str, torch.Tensor]:
+def _profile(model: Path, data: Path, out: Path, *extra: str | Path) -> dict[str, torch.Tensor]:
     result = invoke(
         "profile", "--split", "forget", "--model", model, "--data", data, "--out", out, "--batch-size", "2", *extra
     )
@@ -130,7 +130,7 @@ def test_an_edited_language_model_hits_the_original_entries(
     _assert_same(uncached, cached)
 
     # eval generates and scores through the (already warm) cache; the per-sample results are unchanged.
-    results = {}
+    results: dict[str, str] = {}
     for setting in ("off", str(cache)):
         del vision_calls[:]
         out = tmp_path / f"eval-{len(results)}.json"
@@ -233,3 +233,22 @@ def test_kvw_toml_puts_the_cache_in_the_workdir_and_text_models_ignore_it(
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "text-cache").exists()
+
+
+def test_the_cache_may_not_be_written_into_the_checkpoint(
+    checkpoints: dict[str, Path], images_data: Path, tmp_path: Path
+) -> None:
+    model = copy_checkpoint(checkpoints["llava"], tmp_path / "model")
+    args = (
+        "profile",
+        "--split",
+        "forget",
+        "--model",
+        model,
+        "--data",
+        images_data,
+        "--out",
+        tmp_path / "p.safetensors",
+    )
+    expect_error(invoke(*args, "--vision-cache", model / "cache"), "is inside the checkpoint", 1)
+    assert sorted(path.name for path in model.iterdir()) == sorted(path.name for path in checkpoints["llava"].iterdir())
