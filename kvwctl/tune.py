@@ -227,6 +227,7 @@ class TunePlan:
             "max_new_tokens": options.max_new_tokens,
             "batch_size": options.batch_size,
             "device": self.device.type,
+            **({"device_map": options.device_map} if options.device_map is not None else {}),
             "dtype": str(self.dtype).removeprefix("torch."),
             "folds": options.folds,
             "group_by": options.group_by,
