@@ -6,7 +6,12 @@ forward pre-hook on every down projection of the language model and, for each ba
 ``|a|`` over the profiled positions of each sample, in float64 on the model's device.
 
 ``encode_batch`` tokenizes whole conversations (right padding) for profiling and teacher-forced
-scoring; ``encode_prompts`` tokenizes prompts alone (left padding) for generation.
+scoring; ``encode_prompts`` tokenizes prompts alone (left padding) for generation. With a vision
+cache (``kvwctl.visioncache``) both pass cached image features instead of pixel values.
+
+``load_model`` with a ``Placement`` (``kvwctl.placement``: ``--device-map``, ``--max-memory``)
+lets accelerate dispatch the model over several devices or offload part of it; the hooks then
+keep each layer's sums on that layer's device.
 
 torch and transformers are imported inside functions so that ``kvwctl --help`` stays instant.
 """

@@ -120,7 +120,7 @@ class Placement:
     device_map: str
     max_memory: str | None = None
     offload_folder: Path | None = None
-    _temporary: Any = field(default=None, repr=False)  # a TemporaryDirectory kept alive with the model
+    _temporaries: list[Any] = field(default_factory=list, repr=False)  # TemporaryDirectory objects, kept alive
 
     @staticmethod
     def from_options(options: Any) -> Placement | None:
@@ -157,9 +157,9 @@ class Placement:
         if self.offload_folder is not None:
             self.offload_folder.mkdir(parents=True, exist_ok=True)
             kwargs["offload_folder"] = str(self.offload_folder)
-        else:
-            self._temporary = tempfile.TemporaryDirectory(prefix="kvw-offload-")
-            kwargs["offload_folder"] = self._temporary.name
+        else:  # removed when this placement (held by the loaded model) is garbage-collected
+            self._temporaries.append(tempfile.TemporaryDirectory(prefix="kvw-offload-"))
+            kwargs["offload_folder"] = self._temporaries[-1].name
         return kwargs
 
     def describe(self, model: Any) -> dict[str, str]:
