@@ -110,6 +110,9 @@ class ProfilePlan:
     dtype: str
     command: str = "profile"
 
+    def _uses_vision_cache(self) -> bool:
+        return self.checkpoint.architecture.multimodal and cache_directory(self.options) is not None
+
     def facts(self) -> dict[str, Any]:
         """What a dry run prints (``kvwctl.plans``)."""
         options = self.options
@@ -123,6 +126,8 @@ class ProfilePlan:
                 "batch_size": options.batch_size,
                 "batches": batch_count(len(self.samples), options.batch_size),
                 "device": self.device,
+                **({"device_map": options.device_map} if options.device_map is not None else {}),
+                **({"vision_cache": options.vision_cache} if self._uses_vision_cache() else {}),
                 "dtype": self.dtype,
                 "redact": options.redact,
             },
