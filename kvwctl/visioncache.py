@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvwctl.checkpoint import Checkpoint
 from kvwctl.errors import KvwError, ModelError
-from kvwctl.files import file_sha256, save_safetensors_atomically
+from kvwctl.files import file_sha256, output_errors, save_safetensors_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -106,6 +106,10 @@ class VisionCache:
         import torch
         import transformers
 
+        if directory.exists() and not directory.is_dir():
+            raise KvwError(
+                f"--vision-cache {directory} is not a folder", hint="name a folder, or pass --vision-cache off"
+            )
         resolved, model_dir = directory.resolve(), checkpoint.path.resolve()
         if resolved == model_dir or model_dir in resolved.parents:
             raise KvwError(
@@ -176,8 +180,9 @@ class VisionCache:
         stored = features.detach().to("cpu").contiguous()
         metadata = {"format": FORMAT, "key": key, "model_key": self.model_key, "sha256": _tensor_sha256(stored)}
         path = self.entry_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_safetensors_atomically({"features": stored}, path, metadata)
+        with output_errors(self.directory):  # a full disk or a read-only folder: an error, no traceback
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_safetensors_atomically({"features": stored}, path, metadata)
 
     def _rows(self, inputs: dict[str, Any], count: int) -> list[int | None]:
         """The feature rows each image must have: from Qwen2-VL's grid, else an equal share of the image tokens."""

@@ -252,3 +252,7 @@ def test_the_cache_may_not_be_written_into_the_checkpoint(
     )
     expect_error(invoke(*args, "--vision-cache", model / "cache"), "is inside the checkpoint", 1)
     assert sorted(path.name for path in model.iterdir()) == sorted(path.name for path in checkpoints["llava"].iterdir())
+
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    expect_error(invoke(*args, "--vision-cache", not_a_folder), "is not a folder", 1)
