@@ -21,6 +21,7 @@ This is the only module that imports typer; torch is imported only inside comman
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Callable
@@ -59,6 +60,7 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+StageOptions = TypeVar("StageOptions")
 SECRET_ARGUMENTS = frozenset({"token"})  # never written to stderr or --log-file
 
 
@@ -99,6 +101,20 @@ RedactOption = Annotated[
         show_default=False,
     ),
 ]
+
+
+def _placement_flags(
+    device_map: str | None, max_memory: str | None, offload_folder: str | None, vision_cache: str | None
+) -> dict[str, str | None]:
+    """The device-map and vision-cache flags of a stage that runs a model (``kvwctl.placement``)."""
+    return dict(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, vision_cache=vision_cache)
+
+
+def _vision_cache_default(options: StageOptions, project: Any) -> StageOptions:
+    """``--vision-cache``'s default: ``<workdir>/vision-cache`` when a kvw.toml was read, else off."""
+    if getattr(options, "vision_cache", None) is None and project.source is not None:
+        return dataclasses.replace(options, vision_cache=str(project.workdir / "vision-cache"))  # type: ignore[type-var]
+    return options
 
 
 def command(
@@ -206,6 +222,10 @@ def profile(
     batch_size: Annotated[int | None, _option(ProfileOptions, "batch_size")] = None,
     device: Annotated[str | None, _option(ProfileOptions, "device")] = None,
     dtype: Annotated[str | None, _option(ProfileOptions, "dtype")] = None,
+    device_map: Annotated[str | None, _option(ProfileOptions, "device_map")] = None,
+    max_memory: Annotated[str | None, _option(ProfileOptions, "max_memory")] = None,
+    offload_folder: Annotated[str | None, _option(ProfileOptions, "offload_folder")] = None,
+    vision_cache: Annotated[str | None, _option(ProfileOptions, "vision_cache")] = None,
     redact: RedactOption = None,
     force: ForceOption = False,
     shard: Annotated[str | None, _option(ProfileOptions, "shard")] = None,
@@ -236,7 +256,9 @@ def profile(
     project = load_config(config)
     flags = dict(split=split, positions=positions, batch_size=batch_size, device=device, dtype=dtype, force=force)
     flags |= dict(shard=shard, checkpoint_every=checkpoint_every, resume=resume)
+    flags |= _placement_flags(device_map, max_memory, offload_folder, vision_cache)
     options = fill(ProfileOptions, flags | {"redact": redact}, project)
+    options = _vision_cache_default(options, project)
     spec = project.model_spec(model, revision)
     data = require(data or project.split(options.split), flag="--data", key=f"splits.{options.split}")
     out = out or project.workdir / f"profile-{options.split}.safetensors"
@@ -353,6 +375,10 @@ def apply(
     ] = None,
     device: Annotated[str | None, _option(ApplyOptions, "device")] = None,
     dtype: Annotated[str | None, _option(ApplyOptions, "dtype")] = None,
+    device_map: Annotated[str | None, _option(ApplyOptions, "device_map")] = None,
+    max_memory: Annotated[str | None, _option(ApplyOptions, "max_memory")] = None,
+    offload_folder: Annotated[str | None, _option(ApplyOptions, "offload_folder")] = None,
+    vision_cache: Annotated[str | None, _option(ApplyOptions, "vision_cache")] = None,
     eval_report: Annotated[Path | None, _flag("--eval", "An eval report of this output, for the model card")] = None,
     redact: RedactOption = None,
     force: ForceOption = False,
@@ -369,13 +395,16 @@ def apply(
 
     project = load_config(config)
     progressive_only = dict(forget_data=forget_data, retain=retain, batch_size=batch_size, dtype=dtype)
+    progressive_only |= _placement_flags(device_map, max_memory, offload_folder, vision_cache)
     given = {"accessor": accessor_path} if progressive else {**progressive_only, "exposure_out": exposure_out}
     for name, value in given.items():
         if value is not None:
             applies = "does not apply with --progressive" if progressive else "applies to --progressive only"
             raise UsageError(f"--{name.replace('_', '-')} {applies}")
     flags = dict(gamma=gamma, layers=layers, progressive=progressive, batch_size=batch_size, device=device)
+    flags |= _placement_flags(device_map, max_memory, offload_folder, vision_cache)
     options = fill(ApplyOptions, {**flags, "dtype": dtype, "redact": redact, "force": force}, project)
+    options = _vision_cache_default(options, project) if options.progressive else options
     spec = project.model_spec(model, revision)
     out = out or project.workdir / "unlearned"
     common = {"model": spec.reference, "out": out, "revision": spec.revision, "gamma": options.gamma}
@@ -444,6 +473,10 @@ def evaluate(
     batch_size: Annotated[int | None, _option(EvalOptions, "batch_size")] = None,
     device: Annotated[str | None, _option(EvalOptions, "device")] = None,
     dtype: Annotated[str | None, _option(EvalOptions, "dtype")] = None,
+    device_map: Annotated[str | None, _option(EvalOptions, "device_map")] = None,
+    max_memory: Annotated[str | None, _option(EvalOptions, "max_memory")] = None,
+    offload_folder: Annotated[str | None, _option(EvalOptions, "offload_folder")] = None,
+    vision_cache: Annotated[str | None, _option(EvalOptions, "vision_cache")] = None,
     fold: Annotated[str | None, _option(EvalOptions, "fold")] = None,
     group_by: Annotated[str | None, _option(EvalOptions, "group_by")] = None,
     protocol: Annotated[str | None, _option(EvalOptions, "protocol")] = None,
@@ -464,7 +497,9 @@ def evaluate(
     project = load_config(config)
     flags = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype, force=force)
     flags |= dict(fold=fold, group_by=group_by, redact=redact, protocol=protocol)
+    flags |= _placement_flags(device_map, max_memory, offload_folder, vision_cache)
     options = fill(EvalOptions, {**flags, "require": tuple(require_) if require_ else None}, project)
+    options = _vision_cache_default(options, project)
     models = project.eval_models(model, revision, baseline=baseline, reference=reference)
     splits = parse_named_paths(data, flag="--data") if data else dict(project.splits)
     if not splits:
@@ -538,6 +573,10 @@ def tune(
     batch_size: Annotated[int | None, _option(TuneOptions, "batch_size")] = None,
     device: Annotated[str | None, _option(TuneOptions, "device")] = None,
     dtype: Annotated[str | None, _option(TuneOptions, "dtype")] = None,
+    device_map: Annotated[str | None, _option(TuneOptions, "device_map")] = None,
+    max_memory: Annotated[str | None, _option(TuneOptions, "max_memory")] = None,
+    offload_folder: Annotated[str | None, _option(TuneOptions, "offload_folder")] = None,
+    vision_cache: Annotated[str | None, _option(TuneOptions, "vision_cache")] = None,
     out: Annotated[Path | None, _flag("--out", "Tune report [default: <workdir>/tune.json]")] = None,
     apply_out: Annotated[
         Path | None, _flag("--apply", "Also write the chosen trial's checkpoint here, through apply")
@@ -564,7 +603,9 @@ def tune(
         folds=folds, group_by=group_by, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
         dtype=dtype, resume=resume, force=force, require=tuple(require_) if require_ else None,
     )  # fmt: skip
+    flags |= _placement_flags(device_map, max_memory, offload_folder, vision_cache)
     options = fill(TuneOptions, flags, project)
+    options = _vision_cache_default(options, project)
     spec = project.model_spec(model, revision)
     retain_data = require(retain_data or project.split("retain"), flag="--retain-data", key="splits.retain")
     forget_data = require(forget_data or project.split("forget"), flag="--forget-data", key="splits.forget")

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger("kvwctl")
 PROGRESS_LOGGER_NAME = "kvwctl.progress"
-LIBRARY_LOGGERS = ("transformers", "huggingface_hub")  # shown on stderr with --verbose or --debug
+LIBRARY_LOGGERS = ("transformers", "huggingface_hub", "accelerate")  # shown on stderr with --verbose or --debug
 WARNINGS_LOGGER = "py.warnings"  # where logging.captureWarnings sends Python warnings
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -209,6 +209,8 @@ class Session:
             for handler in self.handlers:
                 if self._wants(handler, name) and handler not in logger.handlers:
                     logger.addHandler(handler)
+            if not logger.handlers:  # none wanted: not Python's last-resort stderr handler either
+                logger.addHandler(logging.NullHandler())
             logger.propagate = False
         logging.getLogger("kvwctl").setLevel(logging.DEBUG)
 

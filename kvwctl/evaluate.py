@@ -46,6 +46,7 @@ from kvwctl.metrics import (
 from kvwctl.modeling import LoadedModel, encode_batch, encode_prompts, load_model, select_device, select_dtype
 from kvwctl.options import EvalOptions
 from kvwctl.outputs import check_outputs
+from kvwctl.placement import Placement
 from kvwctl.plans import batch_count, checkpoint_facts, data_facts, output_facts
 from kvwctl.progress import NullTracker, Tracker
 from kvwctl.redact import Redactor
@@ -59,6 +60,7 @@ from kvwctl.requirements import (
     validate_requirements,
 )
 from kvwctl.source import ModelSpec, resolve_model
+from kvwctl.visioncache import cache_directory
 
 if TYPE_CHECKING:
     import torch
@@ -364,7 +366,7 @@ def plan_eval(
     samples_out = samples_out or default_samples_path(out)
     if samples_out.resolve() == out.resolve():
         raise UsageError(f"the report and the per-sample file are both {out}", hint="choose another --samples-out")
-    torch_device = select_device(options.device)
+    torch_device = select_device(options.device, placement=Placement.from_options(options))
     evaluated = [load_split(name, path) for name, path in splits.items()]
     if options.fold is not None:
         from kvwctl.folds import parse_fold
@@ -433,7 +435,13 @@ def execute_eval(plan: EvalPlan, *, tracker: Tracker | None = None) -> EvalResul
         model_info[role] = _describe_model(checkpoint, torch_dtype)
         torch.manual_seed(SEED)
         with tracker.status(f"{label}: loading {checkpoint.source.reference}"):
-            loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
+            loaded = load_model(
+                checkpoint,
+                device=torch_device,
+                dtype=torch_dtype,
+                placement=Placement.from_options(options),
+                vision_cache=cache_directory(options),
+            )
         prepared = [render_split(loaded.renderer, split) for split in evaluated]  # data errors first
         per_sample[role] = {
             rendered.split.name: evaluate_split(

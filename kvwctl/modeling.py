@@ -6,7 +6,12 @@ forward pre-hook on every down projection of the language model and, for each ba
 ``|a|`` over the profiled positions of each sample, in float64 on the model's device.
 
 ``encode_batch`` tokenizes whole conversations (right padding) for profiling and teacher-forced
-scoring; ``encode_prompts`` tokenizes prompts alone (left padding) for generation.
+scoring; ``encode_prompts`` tokenizes prompts alone (left padding) for generation. With a vision
+cache (``kvwctl.visioncache``) both pass cached image features instead of pixel values.
+
+``load_model`` with a ``Placement`` (``kvwctl.placement``: ``--device-map``, ``--max-memory``)
+lets accelerate dispatch the model over several devices or offload part of it; the hooks then
+keep each layer's sums on that layer's device.
 
 torch and transformers are imported inside functions so that ``kvwctl --help`` stays instant.
 """
@@ -24,13 +29,23 @@ from kvwctl.data import Sample, load_image
 from kvwctl.errors import KvwError, ModelError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
+    from kvwctl.placement import Placement
+    from kvwctl.visioncache import VisionCache
 
-def select_device(name: str) -> torch.device:
-    """The torch device for a ``--device`` value (its syntax is checked by ``kvwctl.options``)."""
+
+def select_device(name: str, *, placement: Placement | None = None) -> torch.device:
+    """The torch device for a ``--device`` value (its syntax is checked by ``kvwctl.options``).
+
+    With a ``placement`` (``--device-map``) the device is the map's first, where inputs go.
+    """
     import torch
 
+    if placement is not None:
+        return placement.primary_device()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -64,25 +79,51 @@ class LoadedModel:
     model: Any
     renderer: ChatRenderer
     down_projections: list[Any]  # the language model's down-projection modules, by layer
-    device: torch.device
+    device: torch.device  # where inputs go: the model's device, or its input embeddings' when dispatched
     dtype: torch.dtype
+    placement: Placement | None = None  # the device map it was dispatched with (kvwctl.placement)
+    vision_cache: VisionCache | None = None  # projected image features, reused (kvwctl.visioncache)
 
 
-def load_model(checkpoint: Checkpoint, *, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def load_model(
+    checkpoint: Checkpoint,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    placement: Placement | None = None,
+    vision_cache: Path | None = None,
+) -> LoadedModel:
+    """The checkpoint's model on ``device``, or dispatched by accelerate with a ``placement``.
+
+    A dispatched model is never moved; ``device`` becomes its input embeddings' execution device.
+    ``vision_cache`` (a directory) turns on the cache of projected image features of a
+    multimodal model.
+    """
     import transformers
 
     from kvwctl.console import capture_transformers
+    from kvwctl.placement import input_device
 
     capture_transformers()
     architecture = checkpoint.architecture
     model_class = getattr(transformers, architecture.auto_class)
+    placed = placement.from_pretrained_kwargs() if placement is not None else {}
     # ignore_mismatched_sizes: a weight whose shape disagrees with config.json is reported in the
     # loading info (and refused below, by name) instead of raising from inside transformers.
     model, loading_info = model_class.from_pretrained(
-        checkpoint.path, dtype=dtype, trust_remote_code=False, output_loading_info=True, ignore_mismatched_sizes=True
+        checkpoint.path,
+        dtype=dtype,
+        trust_remote_code=False,
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,
+        **placed,
     )
     check_loading_info(checkpoint, model, loading_info)
-    model.to(device).eval()
+    if placement is None:
+        model.to(device)
+    else:
+        device = input_device(model)
+    model.eval()
     if architecture.multimodal:
         try:
             processor = transformers.AutoProcessor.from_pretrained(checkpoint.path)
@@ -106,7 +147,19 @@ def load_model(checkpoint: Checkpoint, *, device: torch.device, dtype: torch.dty
         down_projections=modules,
         device=device,
         dtype=dtype,
+        placement=placement,
+        vision_cache=_vision_cache(checkpoint, processor, vision_cache, device=device, dtype=dtype),
     )
+
+
+def _vision_cache(
+    checkpoint: Checkpoint, processor: Any, directory: Path | None, *, device: torch.device, dtype: torch.dtype
+) -> VisionCache | None:
+    if directory is None or not checkpoint.architecture.multimodal:
+        return None
+    from kvwctl.visioncache import VisionCache
+
+    return VisionCache.open(directory, checkpoint, processor, device=device, dtype=dtype)
 
 
 def check_loading_info(checkpoint: Checkpoint, model: Any, loading_info: dict[str, Any]) -> None:
@@ -215,8 +268,7 @@ def encode_batch(loaded: LoadedModel, rendered: list[RenderedSample], *, positio
             positions, length=length, answer_start=answer_start, answer_length=item.answer_length
         )
         mask[row, selected.start : selected.stop] = True
-    device_inputs = {name: _to_model(value, loaded) for name, value in inputs.items()}
-    return EncodedBatch(inputs=device_inputs, position_mask=mask.to(loaded.device))
+    return EncodedBatch(inputs=_model_inputs(loaded, inputs, rendered), position_mask=mask.to(loaded.device))
 
 
 def encode_prompts(loaded: LoadedModel, prompts: list[RenderedPrompt]) -> dict[str, Any]:
@@ -234,7 +286,18 @@ def encode_prompts(loaded: LoadedModel, prompts: list[RenderedPrompt]) -> dict[s
     for row, prompt in enumerate(prompts):
         start = input_ids.shape[1] - int(attention_mask[row].sum())  # the first non-pad token
         renderer.check_bos(input_ids[row, start : start + 2].tolist(), prompt.sample)
-    return {name: _to_model(value, loaded) for name, value in inputs.items()}
+    return _model_inputs(loaded, inputs, prompts)
+
+
+def _model_inputs(
+    loaded: LoadedModel, inputs: dict[str, Any], items: Sequence[RenderedSample | RenderedPrompt]
+) -> dict[str, Any]:
+    """The processor's outputs ready for the model: pixel values replaced by cached image features
+    when the vision cache is on (``kvwctl.visioncache``), everything on the model's device."""
+    if loaded.vision_cache is not None and "pixel_values" in inputs:
+        images = [path for item in items for path in item.sample.images]
+        inputs = loaded.vision_cache.encoded(loaded.model, inputs, images)
+    return {name: value if name == "mm_encoder_outputs" else _to_model(value, loaded) for name, value in inputs.items()}
 
 
 def _to_model(value: Any, loaded: LoadedModel) -> Any:
@@ -260,6 +323,7 @@ class CoefficientCollector:
         self._mask: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None  # (positions,): the sample of each profiled position
         self._sums: list[torch.Tensor | None] = [None] * len(modules)
+        self._copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # the mask on other devices
 
     def __enter__(self) -> CoefficientCollector:
         for layer, module in enumerate(self.modules):
@@ -276,8 +340,7 @@ class CoefficientCollector:
 
         def hook(module: Any, args: tuple[Any, ...]) -> None:
             activations = args[0]  # (batch, sequence, m): the input of the down projection
-            mask, rows = self._mask, self._rows
-            assert mask is not None and rows is not None, "CoefficientCollector.run sets them first"
+            mask, rows = self._placed(activations.device)
             if activations.shape[:2] != mask.shape:
                 raise ModelError(
                     f"down projection of layer {layer} saw input of shape {tuple(activations.shape)}; "
@@ -289,11 +352,23 @@ class CoefficientCollector:
 
         return hook
 
+    def _placed(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mask and rows on ``device``: a dispatched model's layers may sit on several devices,
+        and each layer's sums stay on its own device until the caller gathers them."""
+        mask, rows = self._mask, self._rows
+        assert mask is not None and rows is not None, "CoefficientCollector.run sets them first"
+        if mask.device != device:
+            if device not in self._copies:
+                self._copies[device] = (mask.to(device, non_blocking=True), rows.to(device, non_blocking=True))
+            return self._copies[device]
+        return mask, rows
+
     def run(self, loaded: LoadedModel, batch: EncodedBatch) -> tuple[list[torch.Tensor], torch.Tensor]:
         import torch
 
         self._mask = batch.position_mask
         self._rows = batch.position_mask.nonzero()[:, 0]
+        self._copies = {}
         self._sums = [None] * len(self.modules)
         with torch.inference_mode():
             loaded.model(**batch.inputs, use_cache=False, logits_to_keep=1)

@@ -145,6 +145,67 @@ def _device_option() -> Any:
     return option("auto", f"Device: {DEVICE_CHOICES}", key="device", check=_device_problem)
 
 
+def _device_map_problem(value: str) -> str | None:
+    from kvwctl.placement import device_map_problem
+
+    return device_map_problem(value)
+
+
+def _max_memory_problem(value: str) -> str | None:
+    from kvwctl.placement import max_memory_problem
+
+    return max_memory_problem(value)
+
+
+def _device_map_option() -> Any:
+    return option(
+        None,
+        "Spread the model over devices with accelerate: auto, balanced, balanced_low_0, sequential or a "
+        "JSON file mapping module names to devices (0, cuda:1, cpu, disk)",
+        key="device_map",
+        check=_device_map_problem,
+        shown_default="one device, --device",
+    )
+
+
+def _max_memory_option() -> Any:
+    return option(
+        None,
+        "Memory per device for --device-map, as accelerate's max_memory: 0=20GiB,1=20GiB,cpu=60GiB",
+        key="max_memory",
+        check=_max_memory_problem,
+        shown_default="what accelerate finds free",
+    )
+
+
+def _offload_folder_option() -> Any:
+    return option(
+        None,
+        "Folder for the weights --device-map puts on disk",
+        key="offload_folder",
+        shown_default="a temporary folder, removed afterwards",
+    )
+
+
+def _vision_cache_option() -> Any:
+    return option(
+        None,
+        "Folder of cached projected image features (never computed twice), or off",
+        key="vision_cache",
+        shown_default="<workdir>/vision-cache with a kvw.toml, else off",
+    )
+
+
+def _check_placement(options: Any) -> None:
+    """``--device-map`` replaces ``--device``; ``--max-memory`` and ``--offload-folder`` need it."""
+    if options.device_map is None:
+        for name in ("max_memory", "offload_folder"):
+            if getattr(options, name) is not None:
+                raise UsageError(f"{flag_name(name)} applies with --device-map only")
+    elif options.device != "auto":
+        raise UsageError("--device and --device-map are exclusive: the device map places the model")
+
+
 def _redact_option() -> Any:
     return option(
         False,
@@ -191,6 +252,10 @@ class ProfileOptions:
     batch_size: int = option(8, "Samples per forward pass", key="batch_size", minimum=1)
     device: str = _device_option()
     dtype: str = _dtype_option("auto, float32, bfloat16 or float16")
+    device_map: str | None = _device_map_option()
+    max_memory: str | None = _max_memory_option()
+    offload_folder: str | None = _offload_folder_option()
+    vision_cache: str | None = _vision_cache_option()
     redact: bool = _redact_option()
     force: bool = option(False, "Replace an existing output.")
     shard: str | None = option(
@@ -203,6 +268,7 @@ class ProfileOptions:
 
     def __post_init__(self) -> None:
         _validate(self)
+        _check_placement(self)
 
 
 @dataclass(frozen=True)
@@ -237,11 +303,16 @@ class ApplyOptions:
     batch_size: int = option(1, "Forget samples per batch, for --progressive", key="forget_batch_size", minimum=1)
     device: str = _device_option()
     dtype: str = _dtype_option("auto, float32, bfloat16 or float16, for --progressive")
+    device_map: str | None = _device_map_option()
+    max_memory: str | None = _max_memory_option()
+    offload_folder: str | None = _offload_folder_option()
+    vision_cache: str | None = _vision_cache_option()
     redact: bool = _redact_option()
     force: bool = option(False, "Replace an existing output.")
 
     def __post_init__(self) -> None:
         _validate(self)
+        _check_placement(self)
 
 
 def _space_problem(parse: Callable[[str], Any]) -> Callable[[str], str | None]:
@@ -271,6 +342,10 @@ class EvalOptions:
     batch_size: int = option(8, "Samples per batch", key="batch_size", minimum=1)
     device: str = _device_option()
     dtype: str = _dtype_option("auto, float32, bfloat16 or float16")
+    device_map: str | None = _device_map_option()
+    max_memory: str | None = _max_memory_option()
+    offload_folder: str | None = _offload_folder_option()
+    vision_cache: str | None = _vision_cache_option()
     require: tuple[str, ...] = option(
         (),
         "A requirement: SPLIT.METRIC OP EXPR, e.g. 'forget.keyword_acc <= 0.1' or "
@@ -293,6 +368,7 @@ class EvalOptions:
 
     def __post_init__(self) -> None:
         _validate(self)
+        _check_placement(self)
         from kvwctl.requirements import parse_requirement
 
         for text in self.require:
@@ -405,11 +481,16 @@ class TuneOptions:
     batch_size: int = option(8, "Samples per batch (profile, screen and generation)", key="batch_size", minimum=1)
     device: str = _device_option()
     dtype: str = _dtype_option("auto, float32, bfloat16 or float16")
+    device_map: str | None = _device_map_option()
+    max_memory: str | None = _max_memory_option()
+    offload_folder: str | None = _offload_folder_option()
+    vision_cache: str | None = _vision_cache_option()
     resume: bool = option(False, "Continue from the trial log of an interrupted run with the same inputs.")
     force: bool = option(False, "Replace an existing output (and start the trial log over).")
 
     def __post_init__(self) -> None:
         _validate(self)
+        _check_placement(self)
         if self.gamma is not None and self.mean_gate is not None:
             raise UsageError("--gamma and --mean-gate are exclusive: search one of them")
         if self.minimize is not None and self.closest is not None:

@@ -43,12 +43,14 @@ from kvwctl.modeling import (
 )
 from kvwctl.options import ProfileOptions
 from kvwctl.outputs import check_outputs
+from kvwctl.placement import Placement
 from kvwctl.plans import batch_count, checkpoint_facts, data_facts, output_facts
 from kvwctl.progress import NullTracker, Tracker
 from kvwctl.redact import Redactor
 from kvwctl.resume import Checkpointer, Progress, check_sidecar, combine, load_progress, run_identity
 from kvwctl.shards import parse_shard, part_metadata, shard_samples
 from kvwctl.source import ModelSpec, resolve_model
+from kvwctl.visioncache import cache_directory
 
 if TYPE_CHECKING:
     import torch
@@ -128,6 +130,9 @@ class ProfilePlan:
     world: World | None = None  # under torchrun (kvwctl.distributed)
     command: str = "profile"
 
+    def _uses_vision_cache(self) -> bool:
+        return self.checkpoint.architecture.multimodal and cache_directory(self.options) is not None
+
     def facts(self) -> dict[str, Any]:
         """What a dry run prints (``kvwctl.plans``)."""
         options = self.options
@@ -143,6 +148,8 @@ class ProfilePlan:
                 "batch_size": options.batch_size,
                 "batches": batch_count(len(self.samples), options.batch_size),
                 "device": self.device,
+                **({"device_map": options.device_map} if options.device_map is not None else {}),
+                **({"vision_cache": options.vision_cache} if self._uses_vision_cache() else {}),
                 "dtype": self.dtype,
                 "redact": options.redact,
                 **{key: value for key, value in scale_out.items() if value},  # only those given
@@ -177,7 +184,10 @@ def plan_profile(
     images = [image for sample in samples for image in sample.images]
     check_outputs(files=[out], inputs=[*checkpoint.input_paths, data, *images], force=options.force)
     check_sidecar(out, resume=options.resume, force=options.force)
-    torch_device = torch.device(world.device) if world is not None else select_device(options.device)
+    placement = Placement.from_options(options)
+    torch_device = (
+        torch.device(world.device) if world is not None else select_device(options.device, placement=placement)
+    )
     torch_dtype = select_dtype(options.dtype, torch_device, checkpoint.config)
     return ProfilePlan(
         model=model,
@@ -209,7 +219,13 @@ def execute_profile(plan: ProfilePlan, *, tracker: Tracker | None = None) -> Pro
     torch_device = torch.device(plan.device)
     torch_dtype = getattr(torch, plan.dtype)
     with tracker.status(f"Loading {plan.model.reference}"):
-        loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
+        loaded = load_model(
+            checkpoint,
+            device=torch_device,
+            dtype=torch_dtype,
+            placement=Placement.from_options(plan.options),
+            vision_cache=cache_directory(plan.options),
+        )
     return write_profile(
         loaded, fingerprint, plan.samples, plan.data, plan.out, plan.options, tracker=tracker, world=plan.world
     )
@@ -251,6 +267,7 @@ def write_profile(
         "accumulation_dtype": "float64",
         "batch_size": str(batch_size),
         "device": str(torch_device),
+        **({"device_map": json.dumps(loaded.placement.describe(loaded.model))} if loaded.placement else {}),
         **redactor.metadata(),
     }
 

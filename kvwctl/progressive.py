@@ -120,6 +120,7 @@ def plan_progressive(
 ) -> ProgressivePlan:
     """Every check ``run_progressive`` makes before loading the model (all but the fingerprint's)."""
     from kvwctl.modeling import select_device, select_dtype
+    from kvwctl.placement import Placement
 
     checkpoint = open_checkpoint(resolve_model(model.reference, model.revision))
     samples = load_samples(forget_data)
@@ -133,7 +134,7 @@ def plan_progressive(
     retain = read_artifact(retain_profile, PROFILE_FORMAT)
     if retain.metadata.get("split") != "retain":
         raise ArtifactError(f"{retain_profile} is a {retain.metadata.get('split')} profile; expected a retain profile")
-    torch_device = select_device(options.device)
+    torch_device = select_device(options.device, placement=Placement.from_options(options))
     torch_dtype = select_dtype(options.dtype, torch_device, checkpoint.config)
     return ProgressivePlan(
         model=model,
@@ -182,6 +183,8 @@ def execute_progressive(plan: ProgressivePlan, *, tracker: Tracker | None = None
     import torch
 
     from kvwctl.modeling import CoefficientCollector, encode_batch, load_model, render_all
+    from kvwctl.placement import Placement, execution_device, read_weight, write_weight
+    from kvwctl.visioncache import cache_directory
 
     options, checkpoint, samples, retain, selected = (
         plan.options,
@@ -201,12 +204,23 @@ def execute_progressive(plan: ProgressivePlan, *, tracker: Tracker | None = None
     torch_device = torch.device(plan.device)
     torch_dtype = getattr(torch, plan.dtype)
     with tracker.status(f"Loading {plan.model.reference}"):
-        loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
+        loaded = load_model(
+            checkpoint,
+            device=torch_device,
+            dtype=torch_dtype,
+            placement=Placement.from_options(options),
+            vision_cache=cache_directory(options),
+        )
     rendered = render_all(loaded.renderer, samples)
-    retain_by_layer = [coefficient.to(torch_device) for coefficient in retain_coefficients(retain)]
     modules = loaded.down_projections
-    # The weights as loaded, kept to derive every step's weights from (no compounding rounding).
-    originals = {layer: modules[layer].weight.detach().clone() for layer in selected}
+    # Each layer's coefficients on the device it computes on (several with --device-map).
+    retain_by_layer = [
+        coefficient.to(execution_device(module))
+        for coefficient, module in zip(retain_coefficients(retain), modules, strict=True)
+    ]
+    # The weights as loaded, kept to derive every step's weights from (no compounding rounding);
+    # read_weight/write_weight also reach weights that accelerate offloads.
+    originals = {layer: read_weight(modules[layer]).clone() for layer in selected}
     cumulative = [torch.zeros_like(coefficient) for coefficient in retain_by_layer]  # float64 (m,) per layer
     axis = checkpoint.architecture.vector_axis
     batches = batch_ranges(len(rendered), batch_size)
@@ -216,7 +230,8 @@ def execute_progressive(plan: ProgressivePlan, *, tracker: Tracker | None = None
             encoded = encode_batch(loaded, rendered[batch.start : batch.stop], positions=positions)
             sums, counts = collector.run(loaded, encoded)
             for layer, layer_sums in enumerate(sums):
-                accessor = forget_accessor(pooled_coefficient(layer_sums, counts), retain_by_layer[layer])
+                layer_counts = counts.to(layer_sums.device)
+                accessor = forget_accessor(pooled_coefficient(layer_sums, layer_counts), retain_by_layer[layer])
                 if not bool(torch.isfinite(accessor).all()):
                     ids = ", ".join(sample.id for sample in samples[batch.start : batch.stop])
                     raise ModelError(
@@ -229,7 +244,7 @@ def execute_progressive(plan: ProgressivePlan, *, tracker: Tracker | None = None
             with torch.no_grad():
                 for layer in selected:
                     gate = gates(cumulative[layer], gamma)
-                    modules[layer].weight.copy_(scale_vectors(originals[layer], gate, axis=axis))
+                    write_weight(modules[layer], scale_vectors(originals[layer], gate, axis=axis))
     exposures = [exposure.float().cpu() for exposure in cumulative]
     del loaded, originals, modules
 

@@ -23,6 +23,7 @@ from kvwctl.errors import ModelError
 from kvwctl.evaluate import RenderedSplit, answer_scores_and_choices, generate_answers, score_conversations
 from kvwctl.method import gates, scale_vectors
 from kvwctl.metrics import MetricSummary, keyword_accuracy, keyword_targets, rouge_l, summarize
+from kvwctl.placement import read_weight, write_weight
 from kvwctl.progress import Tracker
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ class TrialModel:
         checkpoint = loaded.checkpoint
         self.axis = checkpoint.architecture.vector_axis
         self.stored: list[torch.Tensor] = []  # per layer, as stored on disk (on the model's device)
+        self.dtypes: list[torch.dtype] = []  # per layer, the dtype the model runs it in
         by_shard: dict[str, list[int]] = {}
         for projection in checkpoint.down_projections:
             by_shard.setdefault(projection.shard, []).append(projection.layer)
@@ -59,14 +61,16 @@ class TrialModel:
                     tensors[layer] = stream.get_tensor(checkpoint.down_projections[layer].name)
         for layer, module in enumerate(loaded.down_projections):
             stored = tensors[layer]
-            if tuple(stored.shape) != tuple(module.weight.shape):
+            loaded_weight = read_weight(module)  # also when accelerate offloads it (--device-map)
+            if tuple(stored.shape) != tuple(loaded_weight.shape):
                 raise ModelError(
                     f"layer {layer}: the stored down projection has shape {tuple(stored.shape)}, the loaded "
-                    f"module {tuple(module.weight.shape)}; tune cannot edit it in memory as apply edits the file"
+                    f"module {tuple(loaded_weight.shape)}; tune cannot edit it in memory as apply edits the file"
                 )
-            if not torch.equal(stored.to(module.weight.dtype).to(module.weight.device), module.weight.detach()):
+            if not torch.equal(stored.to(loaded_weight.dtype).to(loaded_weight.device), loaded_weight):
                 raise ModelError(f"layer {layer}: the loaded down projection differs from the stored weight")
-            self.stored.append(stored.to(module.weight.device))
+            self.stored.append(stored.to(loaded_weight.device))
+            self.dtypes.append(loaded_weight.dtype)
 
     @contextmanager
     def weakened(self, exposures: Sequence[torch.Tensor], gamma: float, layers: Sequence[int]) -> Iterator[None]:
@@ -78,16 +82,15 @@ class TrialModel:
         try:
             with torch.no_grad():
                 for layer in layers:
-                    weight = modules[layer].weight
-                    gate = gates(exposures[layer].to(weight.device), gamma)  # (m,)
+                    stored = self.stored[layer]
+                    gate = gates(exposures[layer].to(stored.device), gamma)  # (m,)
                     edited.append(layer)
-                    weight.copy_(scale_vectors(self.stored[layer], gate, axis=self.axis).to(weight.dtype))
+                    write_weight(modules[layer], scale_vectors(stored, gate, axis=self.axis).to(self.dtypes[layer]))
             yield
         finally:
             with torch.no_grad():
                 for layer in edited:
-                    weight = modules[layer].weight
-                    weight.copy_(self.stored[layer].to(weight.dtype))
+                    write_weight(modules[layer], self.stored[layer].to(self.dtypes[layer]))
 
 
 def screen_values(

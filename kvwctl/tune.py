@@ -51,6 +51,7 @@ from kvwctl.metrics import Results
 from kvwctl.modeling import LoadedModel, load_model, select_device, select_dtype
 from kvwctl.options import ProfileOptions, TuneOptions
 from kvwctl.outputs import check_outputs
+from kvwctl.placement import Placement
 from kvwctl.progress import NullTracker, Tracker
 from kvwctl.requirements import (
     Requirement,
@@ -219,12 +220,14 @@ class TunePlan:
         )
         self.log_path = log_path_for(inputs.out)
         self._check_outputs()
-        self.device = select_device(options.device)
+        self.placement = Placement.from_options(options)
+        self.device = select_device(options.device, placement=self.placement)
         self.dtype = select_dtype(options.dtype, self.device, self.checkpoint.config)
         self.recorded_settings: dict[str, Any] = {
             "max_new_tokens": options.max_new_tokens,
             "batch_size": options.batch_size,
             "device": self.device.type,
+            **({"device_map": options.device_map} if options.device_map is not None else {}),
             "dtype": str(self.dtype).removeprefix("torch."),
             "folds": options.folds,
             "group_by": options.group_by,
@@ -265,6 +268,12 @@ class TunePlan:
             "settings": self.recorded_settings,
             "outputs": outputs,
         }
+
+    def _placed(self) -> dict[str, Any]:
+        """``load_model``'s device map and vision cache, from the options."""
+        from kvwctl.visioncache import cache_directory
+
+        return {"placement": self.placement, "vision_cache": cache_directory(self.options)}
 
     def _check_outputs(self) -> None:
         inputs, options = self.inputs, self.options
@@ -319,12 +328,12 @@ class TunePlan:
             if self.reference is not None and "reference" not in self.log.done:
                 dtype = select_dtype(self.options.dtype, self.device, self.reference.config)
                 with tracker.status(f"Loading {self.reference.source.reference}"):
-                    reference = load_model(self.reference, device=self.device, dtype=dtype)
+                    reference = load_model(self.reference, device=self.device, dtype=dtype, **self._placed())
                 self.log.write("reference", self._score_whole_model(reference, "reference"))
                 del reference
                 gc.collect()
             with tracker.status(f"Loading {self.checkpoint.source.reference}"):
-                loaded = load_model(self.checkpoint, device=self.device, dtype=self.dtype)
+                loaded = load_model(self.checkpoint, device=self.device, dtype=self.dtype, **self._placed())
             self.exposures = self._exposures(loaded)
             self.prepared = {name: render_split(loaded.renderer, split) for name, split in self.evaluated.items()}
             if "baseline" not in self.log.done:

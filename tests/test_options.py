@@ -108,7 +108,7 @@ def test_every_kvw_toml_key_has_one_type() -> None:
     assert set(keys) == {"positions", "batch_size", "device", "dtype", "forget_batch_size", "gamma", "layers"} | {
         "max_new_tokens",
         "redact",
-    } | {"folds", "group_by"} | {
+    } | {"folds", "group_by"} | {"device_map", "max_memory", "offload_folder", "vision_cache"} | {
         f"tune_{name}"
         for name in ("gamma", "mean_gate", "layers", "forget_batch_size", "positions", "trials", "generate_top")
     }
