@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import mmap
 import queue
 import threading
 from collections.abc import Callable, Mapping
@@ -79,7 +80,7 @@ class _Stopped(Exception):
 @dataclass(frozen=True)
 class _Block:
     position: int  # absolute offset in the file
-    buffer: bytearray
+    buffer: mmap.mmap
     length: int
     patch: tuple[int, Patch] | None  # (the range's start, its patch) when the block lies in a range
 
@@ -98,9 +99,9 @@ def copy_with_patches(
         if start < end:
             raise AssertionError(f"patches overlap at byte {start}")
     size = max([block_size, *(patch.alignment for _, _, patch in ranges)])
-    free: queue.Queue[bytearray] = queue.Queue()
-    for _ in range(BUFFERS):
-        free.put(bytearray(size))
+    free: queue.Queue[mmap.mmap] = queue.Queue()
+    for _ in range(BUFFERS):  # anonymous maps, not the heap: returned to the system when let go
+        free.put(mmap.mmap(-1, size))
     filled: queue.Queue[_Block | None] = queue.Queue()
     rewritten: queue.Queue[_Block | None] = queue.Queue()
     failed = threading.Event()
