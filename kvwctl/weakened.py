@@ -60,10 +60,10 @@ class WeakenedWeight:
             raise ValueError(
                 f"{projection.name} has {projection.shape[axis]} vectors on axis {axis}, gate has {gate.numel()}"
             )
+        self.dtype = getattr(torch, SCALABLE_DTYPES[projection.dtype])
+        self.columns = projection.shape[1]  # (its byte count fits the shape: kvwctl.headers checked it)
         self.projection, self.axis, self.device, self.refusal = projection, axis, device, refusal
         self.gate = gate.to(device).float()  # (m,)
-        self.dtype = getattr(torch, SCALABLE_DTYPES[projection.dtype])
-        self.columns = projection.shape[1]
         self.alignment = max(1, self.columns * self.dtype.itemsize)  # one row of the stored matrix
         self.digest = hashlib.sha256()
         self.work: torch.Tensor | None = None  # (rows, columns) float32 on device
