@@ -15,7 +15,8 @@ default) and an accessor for it, then times, ``--repeat`` times each in turn (th
 Each stage runs with the input in the page cache ("warm") and with it dropped from the page cache
 first ("cold", ``posix_fadvise(DONTNEED)``: the disk's read bandwidth). Outputs are not fsynced.
 
-Each stage's peak resident memory above its start is measured too (Linux: ``/proc/self/clear_refs``
+Each stage's CPU time (every thread; on a shared machine the wall time mostly measures the
+scheduler) and peak resident memory above its start are measured too (Linux: ``/proc/self/clear_refs``
 resets the peak). Prints a markdown table on stdout: seconds, MB/s of shard bytes, peak memory, and
 apply's ratios to the others. Outputs are written beside the inputs in ``--workdir`` (page cache,
 no fsync, for every stage alike).
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -57,17 +59,23 @@ def resident(key: str) -> int | None:
     return None
 
 
-def measured(work: Callable[[], None]) -> tuple[float, float | None]:
-    """Seconds of ``work`` and its peak resident memory above the start (bytes), if measurable."""
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far, every thread (the kernel's copy in sendfile too)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measured(work: Callable[[], None]) -> tuple[float, float, float | None]:
+    """Wall and CPU seconds of ``work`` and its peak resident memory above the start (bytes), if measurable."""
     start = resident("VmRSS")
     clear = Path("/proc/self/clear_refs")
     if start is not None and clear.exists():
         clear.write_text("5")  # the peak resident set is now the current one
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), cpu_seconds()
     work()
-    seconds = time.perf_counter() - began
+    seconds, cpu = time.perf_counter() - began, cpu_seconds() - cpu
     peak = resident("VmHWM")
-    return seconds, (peak - start) if peak is not None and start is not None else None
+    return seconds, cpu, (peak - start) if peak is not None and start is not None else None
 
 
 def plain_copy(source: Path, out: Path) -> None:
@@ -142,7 +150,7 @@ def main() -> None:
         ),
     }
     inputs = [path for path in source.iterdir() if path.is_file()]
-    runs: dict[tuple[str, str], list[tuple[float, float | None]]] = {}
+    runs: dict[tuple[str, str], list[tuple[float, float, float | None]]] = {}
     for _ in range(options.repeat):
         for name, work in stages.items():
             for cache in ("warm", "cold"):
@@ -153,9 +161,10 @@ def main() -> None:
     runs[("apply, first run on the model (hashes it for the fingerprint)", "warm")] = [
         measured(lambda: apply(source, accessor, workdir / "apply"))
     ]
-    # The fastest run of each stage, and the largest peak of any of its runs.
+    # The fastest run of each stage (wall and CPU apart), and the largest peak of any of its runs.
     best = {
-        key: (min(seconds for seconds, _ in done), max((peak or 0.0) for _, peak in done)) for key, done in runs.items()
+        key: tuple(min(run[index] for run in done) for index in (0, 1)) + (max(run[2] or 0.0 for run in done),)
+        for key, done in runs.items()
     }
 
     block = kvwctl.checkpoint.COPY_BLOCK_SIZE / MB
@@ -163,12 +172,14 @@ def main() -> None:
     print(f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; ", end="")
     print(f"{len(shards)} shards, {total / MB:.0f} MB ({options.dtype}), largest {largest:.0f} MB; ", end="")
     print(f"apply's blocks {block:g} MB; best of {options.repeat}\n")
-    print("| stage | input in page cache | seconds | MB/s | peak memory (MB) | apply's speed vs this |")
-    print("|---|---|---:|---:|---:|---:|")
-    for (name, cache), (seconds, peak) in best.items():
+    print("| stage | input in page cache | seconds | MB/s | CPU seconds | peak memory (MB) | apply's speed vs this |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for (name, cache), (seconds, cpu, peak) in best.items():
         memory = f"{peak / MB:.0f}" if resident("VmRSS") is not None else "n/a"
         relative = seconds / best[("apply", cache)][0]
-        print(f"| {name} | {cache} | {seconds:.2f} | {total / MB / seconds:.0f} | {memory} | {relative:.2f}× |")
+        print(
+            f"| {name} | {cache} | {seconds:.2f} | {total / MB / seconds:.0f} | {cpu:.2f} | {memory} | {relative:.2f}× |"
+        )
 
 
 def evict(paths: list[Path]) -> None:

@@ -42,7 +42,7 @@ from kvwctl.progress import NullTracker, Tracker
 from kvwctl.redact import Redactor
 from kvwctl.shardcopy import Patch
 from kvwctl.source import ModelSpec, resolve_model
-from kvwctl.weakened import WeakenedWeight
+from kvwctl.weakened import WeakenedWeight, one_torch_thread
 
 if TYPE_CHECKING:
     import torch
@@ -187,6 +187,7 @@ def write_weakened_checkpoint(
             outputs = stack.enter_context(committed_together())
         staging = outputs.directory(out, force=force)
         left_out = carry_over_files(checkpoint, staging, skip={MANIFEST_FILE, CARD_FILE})
+        stack.enter_context(one_torch_thread())  # the copy's threads use the other cores (kvwctl.weakened)
         for shard in tracker.track(checkpoint.shards, total=len(checkpoint.shards), description="apply", unit="shards"):
             # Each edited weight is scaled block by block as the shard streams through (kvwctl.shardcopy).
             weights: list[WeakenedWeight] = []

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from kvwctl.checkpoint import DownProjection
@@ -93,3 +95,22 @@ class WeakenedWeight:
         self.digest.update(block)
         if offset + len(block) == self.projection.data_end - self.projection.data_start:
             self.work = None  # the last block
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch's CPU ops on one thread inside the block, as many as before after it.
+
+    A block's scaling is a few elementwise passes over 4 MB while the copy's reader and writer
+    threads hash and move bytes on the other cores; torch's intra-op pool would split each pass
+    and then spin-wait, competing with them (measured on 2 cores: twice the CPU time and twice
+    the wall time of the whole apply).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
