@@ -141,3 +141,17 @@ def test_refuses_weights_it_cannot_scale(tmp_path: Path) -> None:
     quantized = DownProjection(**{**vars(projection), "dtype": "I8"})
     with pytest.raises(ModelError, match=r"is I8 \[4, 4\]; kvwctl scales floating-point matrices only"):
         WeakenedWeight(quantized, torch.ones(4), axis=1, device=CPU, refusal="refusing")
+
+
+def test_one_torch_thread_while_copying_and_as_before_after() -> None:
+    from kvwctl.weakened import one_torch_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(OSError), one_torch_thread():
+            assert torch.get_num_threads() == 1
+            raise OSError("disk full")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
