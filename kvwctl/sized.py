@@ -65,7 +65,9 @@ def write_random_checkpoint(
     weight_map = {}
     for number, names in enumerate(shards, start=1):
         shard = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: (torch.randn(shapes[name], generator=generator) * 0.02).to(stored) for name in names}
+        tensors = {
+            name: torch.empty(shapes[name]).uniform_(-0.05, 0.05, generator=generator).to(stored) for name in names
+        }
         save_safetensors_atomically(tensors, out / shard, {"format": "pt"})
         weight_map.update(dict.fromkeys(names, shard))
         del tensors
