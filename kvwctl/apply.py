@@ -22,7 +22,6 @@ to its directory when they lie under it, else recorded as given (:func:`recorded
 
 from __future__ import annotations
 
-import hashlib
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,16 +31,18 @@ from kvwctl import __version__
 from kvwctl.artifacts import ACCESSOR_FORMAT, Artifact, check_fits_model, read_artifact
 from kvwctl.card import CARD_FILE, AttachedReport, attach_report, base_license, write_card
 from kvwctl.checkpoint import MANIFEST_FORMAT, Checkpoint, carry_over_files, copy_patched_shard, open_checkpoint
-from kvwctl.errors import ArtifactError, ModelError
+from kvwctl.errors import ArtifactError
 from kvwctl.files import StagedOutputs, committed_together, file_sha256, now, write_json_atomically
 from kvwctl.headers import read_json_object
-from kvwctl.method import check_gamma, gates, parse_layers, scale_vectors, tensor_bytes
+from kvwctl.method import check_gamma, gates, parse_layers
 from kvwctl.options import ApplyOptions
 from kvwctl.outputs import MANIFEST_FILE, check_outputs, inside
 from kvwctl.plans import checkpoint_facts, output_facts
 from kvwctl.progress import NullTracker, Tracker
 from kvwctl.redact import Redactor
+from kvwctl.shardcopy import Patch
 from kvwctl.source import ModelSpec, resolve_model
+from kvwctl.weakened import WeakenedWeight, one_torch_thread
 
 if TYPE_CHECKING:
     import torch
@@ -169,10 +170,9 @@ def write_weakened_checkpoint(
     ``README.md`` is not copied: the checkpoint gets its own card (:mod:`kvwctl.card`), keeping
     the base card's license fields, with ``attached``'s results if given.
     ``redaction`` (``Redactor.record()``) goes in the manifest: the caller has hashed the paths.
+    The shards are read, weakened and written in overlapped blocks (``copy_patched_shard``): the
+    memory held is a few blocks, never a whole shard.
     """
-    import torch
-    from safetensors import safe_open
-
     check_gamma(gamma, exposures, layers)
     license = base_license(checkpoint.path)
     axis = checkpoint.architecture.vector_axis
@@ -187,37 +187,33 @@ def write_weakened_checkpoint(
             outputs = stack.enter_context(committed_together())
         staging = outputs.directory(out, force=force)
         left_out = carry_over_files(checkpoint, staging, skip={MANIFEST_FILE, CARD_FILE})
+        stack.enter_context(one_torch_thread())  # the copy's threads use the other cores (kvwctl.weakened)
         for shard in tracker.track(checkpoint.shards, total=len(checkpoint.shards), description="apply", unit="shards"):
-            patches: dict[tuple[int, int], bytes] = {}
-            shard_edits = [projection for projection in edits.values() if projection.shard == shard]
-            if shard_edits:
-                with safe_open(str(checkpoint.path / shard), framework="pt", device=str(device)) as stream:
-                    for projection in shard_edits:
-                        weight = stream.get_tensor(projection.name)
-                        gate = gates(exposures[projection.layer].to(device), gamma)  # (m,)
-                        weakened = scale_vectors(weight, gate, axis=axis)
-                        if not bool(torch.isfinite(weakened).all()):
-                            already = " (the input weight already has them)" if not torch.isfinite(weight).all() else ""
-                            raise ModelError(
-                                f"refusing to write {out}: the edited weight {projection.name} in {shard} "
-                                f"has non-finite values{already}",
-                                hint="check the input checkpoint's weights",
-                            )
-                        patch = tensor_bytes(weakened)
-                        patches[(projection.data_start, projection.data_end)] = patch
-                        output_digests[projection.name] = hashlib.sha256(patch).hexdigest()
-                        layer_edits[projection.layer] = LayerEdit(
-                            tensor=projection.name,
-                            vectors=gate.numel(),
-                            scaled=int((gate < 1).sum()),
-                            min_gate=float(gate.min()),
-                            mean_gate=float(gate.double().mean()),
-                        )
+            # Each edited weight is scaled block by block as the shard streams through (kvwctl.shardcopy).
+            weights: list[WeakenedWeight] = []
+            for projection in edits.values():
+                if projection.shard != shard:
+                    continue
+                gate = gates(exposures[projection.layer].to(device), gamma)  # (m,)
+                weights.append(
+                    WeakenedWeight(projection, gate, axis=axis, device=device, refusal=f"refusing to write {out}")
+                )
+                layer_edits[projection.layer] = LayerEdit(
+                    tensor=projection.name,
+                    vectors=gate.numel(),
+                    scaled=int((gate < 1).sum()),
+                    min_gate=float(gate.min()),
+                    mean_gate=float(gate.double().mean()),
+                )
+            patches: dict[tuple[int, int], Patch | bytes] = {
+                (weight.projection.data_start, weight.projection.data_end): weight for weight in weights
+            }
             target = inside(staging, shard, source=checkpoint.path)
             if target.parent != staging and staging.is_dir():  # a shard in a subfolder (never re-create
                 target.parent.mkdir(parents=True, exist_ok=True)  # a staging directory that vanished)
             copied = copy_patched_shard(checkpoint.path / shard, target, patches)
             input_hashes[shard], shard_hashes[shard] = copied.input_sha256, copied.output_sha256
+            output_digests.update({weight.projection.name: weight.digest.hexdigest() for weight in weights})
         previous = checkpoint.path / MANIFEST_FILE
         manifest = Manifest(
             tool_version=__version__,

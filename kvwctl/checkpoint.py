@@ -37,6 +37,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,12 +48,14 @@ from kvwctl.files import cached_digests
 from kvwctl.headers import CORRUPT_HINT, read_json_object, read_safetensors_header
 from kvwctl.outputs import MANIFEST_FILE as MANIFEST_FILE
 from kvwctl.outputs import inside
+from kvwctl.shardcopy import Patch, copy_with_patches
+from kvwctl.shardcopy import ShardCopy as ShardCopy
 from kvwctl.source import ModelSource
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MANIFEST_FORMAT = "kvwctl.manifest/1"
-COPY_BLOCK_SIZE = 1 << 24  # bytes read at a time when a shard is copied and hashed
+COPY_BLOCK_SIZE = 1 << 22  # bytes read at a time when a shard is copied (a few such blocks are held)
 # Weight formats that are never carried into an output: they would hold the unedited weights.
 FOREIGN_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 
@@ -333,43 +336,17 @@ def _checkpoint_files(path: Path) -> list[str]:
 # --- writing -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ShardCopy:
-    """The SHA-256 of a shard as it was read and of the copy as it was written."""
-
-    input_sha256: str
-    output_sha256: str
-
-
-def copy_patched_shard(source: Path, target: Path, patches: dict[tuple[int, int], bytes]) -> ShardCopy:
-    """Copy a shard byte for byte with the byte ranges of edited tensors replaced; hash both sides.
+def copy_patched_shard(source: Path, target: Path, patches: Mapping[tuple[int, int], Patch | bytes]) -> ShardCopy:
+    """Copy a shard byte for byte with the byte ranges of edited tensors rewritten; hash both sides.
 
     Edited tensors keep their dtype and shape, so the header and every other byte of the file
-    stay identical to the input: untouched tensors are byte-identical by construction. Both files
-    are hashed as the bytes stream through, so neither is read a second time for its hash.
+    stay identical to the input: untouched tensors are byte-identical by construction. A patch is
+    the new bytes of its range or a :class:`kvwctl.shardcopy.Patch` that rewrites them as they
+    stream through (apply's scaling); reading, patching and writing overlap in blocks of
+    :data:`COPY_BLOCK_SIZE`, and both files are hashed as the bytes stream through, so neither is
+    read a second time for its hash (:mod:`kvwctl.shardcopy`).
     """
-    for (start, end), data in patches.items():
-        if len(data) != end - start:
-            raise AssertionError(f"patch for bytes {start}:{end} has {len(data)} bytes")
-    input_digest, output_digest = hashlib.sha256(), hashlib.sha256()
-    position = 0
-    with source.open("rb") as reader, target.open("wb") as writer:
-        while block := reader.read(COPY_BLOCK_SIZE):
-            input_digest.update(block)
-            block_end = position + len(block)
-            patched = None
-            for (start, end), data in patches.items():
-                low, high = max(start, position), min(end, block_end)
-                if low < high:
-                    patched = patched if patched is not None else bytearray(block)
-                    patched[low - position : high - position] = data[low - start : high - start]
-            written = block if patched is None else bytes(patched)
-            output_digest.update(written)
-            writer.write(written)
-            position = block_end
-    if any(end > position for _, end in patches):
-        raise AssertionError(f"a patch ends beyond the {position} bytes of {source}")
-    return ShardCopy(input_sha256=input_digest.hexdigest(), output_sha256=output_digest.hexdigest())
+    return copy_with_patches(source, target, patches, block_size=COPY_BLOCK_SIZE)
 
 
 def carry_over_files(checkpoint: Checkpoint, target: Path, *, skip: set[str]) -> list[str]:
