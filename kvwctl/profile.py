@@ -10,7 +10,10 @@ token-pooled however the samples are later grouped:
 * a **retain** profile stores, per layer, ``layers.N.sum`` (m,) and one ``count`` () for the
   pooled split — ``C_r = sum / count``;
 * a **forget** profile stores per-sample ``layers.N.sum`` (samples, m) and ``count`` (samples,),
-  so the accessor can form forget batches of any size.
+  so the accessor can form forget batches of any size;
+* a layer's routed experts (mixture of experts, ``kvwctl.experts``) add ``layers.N.experts.sum``
+  and their own ``layers.N.experts.count`` of routed positions: (E, m) and (E,) for retain,
+  (samples, E, m) and (samples, E) for forget. A layer with experts only has no ``layers.N.sum``.
 
 Sums are float64, accumulated on the model's device; padding is never profiled. With
 ``redact`` the metadata's ``data`` path and ``sample_ids`` are keyed hashes (``kvwctl.redact``).
@@ -77,21 +80,27 @@ def collect_sums(
     batch_size: int,
     tracker: Tracker,
     description: str,
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-sample float64 sums ``(samples, m)`` for every layer, and counts ``(samples,)``."""
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """Per part (``layers.N``, ``layers.N.experts``) the per-sample float64 sums and, for experts,
+    counts; and the profiled positions of each sample ``(samples,)``."""
     import torch
 
-    layer_sums: list[list[torch.Tensor]] = [[] for _ in loaded.down_projections]
+    part_sums: dict[str, list[torch.Tensor]] = {}
+    part_counts: dict[str, list[torch.Tensor]] = {}
     counts: list[torch.Tensor] = []
     batches = [rendered[start : start + batch_size] for start in range(0, len(rendered), batch_size)]
-    with CoefficientCollector(loaded.down_projections) as collector:
+    with CoefficientCollector(loaded.down_projections, loaded.experts) as collector:
         for batch in tracker.track(batches, total=len(rendered), description=description, unit="samples", size=len):
-            sums, batch_counts = collector.run(loaded, encode_batch(loaded, batch, positions=positions))
-            for layer, layer_batch in enumerate(sums):
-                layer_sums[layer].append(layer_batch)
-            counts.append(batch_counts)
-    # (samples, m) per layer; (samples,)
-    return [torch.cat(chunks) for chunks in layer_sums], torch.cat(counts)
+            parts, batch_counts = collector.run(loaded, encode_batch(loaded, batch, positions=positions))
+            for part, (sums, part_count) in parts.items():
+                part_sums.setdefault(part, []).append(sums)  # (batch, m) or (batch, E, m)
+                part_counts.setdefault(part, []).append(part_count)  # (batch,) or (batch, E)
+            counts.append(batch_counts)  # (batch,)
+    return (
+        {part: torch.cat(chunks) for part, chunks in part_sums.items()},
+        {part: torch.cat(chunks) for part, chunks in part_counts.items() if part.endswith(".experts")},
+        torch.cat(counts),
+    )
 
 
 @dataclass(frozen=True)
@@ -189,17 +198,21 @@ def write_profile(
     redactor = Redactor.create(enabled=options.redact)
     rendered = render_all(loaded.renderer, samples)
 
-    sums, counts = collect_sums(
+    sums, expert_counts, counts = collect_sums(
         loaded, rendered, positions=positions, batch_size=batch_size, tracker=tracker, description=f"profile {split}"
     )
     tensors: dict[str, torch.Tensor] = {}
     if split == "retain":
-        for layer, layer_sums in enumerate(sums):
-            tensors[f"layers.{layer}.sum"] = layer_sums.sum(dim=0).cpu()  # (m,)
+        for part, part_sums in sums.items():
+            tensors[f"{part}.sum"] = part_sums.sum(dim=0).cpu()  # (m,); experts (E, m)
+        for part, part_counts in expert_counts.items():
+            tensors[f"{part}.count"] = part_counts.sum(dim=0).cpu()  # (E,)
         tensors["count"] = counts.sum().cpu()  # ()
     else:
-        for layer, layer_sums in enumerate(sums):
-            tensors[f"layers.{layer}.sum"] = layer_sums.cpu()  # (samples, m)
+        for part, part_sums in sums.items():
+            tensors[f"{part}.sum"] = part_sums.cpu()  # (samples, m); experts (samples, E, m)
+        for part, part_counts in expert_counts.items():
+            tensors[f"{part}.count"] = part_counts.cpu()  # (samples, E)
         tensors["count"] = counts.cpu()  # (samples,)
     metadata = {
         "format": PROFILE_FORMAT,

@@ -11,7 +11,10 @@ With ``C_r`` the coefficient of the whole retain set (profiled once, on the orig
     E  += A_b                                              float64 (m,) per layer
     W   = W_0 * exp(-gamma * E)                            layers l_s..l_e, vector by vector
 
-so batch ``b + 1`` sees the model already weakened by batches ``0..b``. The cumulative exponent
+so batch ``b + 1`` sees the model already weakened by batches ``0..b``. In a mixture-of-experts
+layer the same holds per expert: ``E`` is ``(E, m)``, each expert's ``C_f^b`` pooled over the
+batch's positions routed to it, and the fused in-memory ``down_proj`` ``(E, ., .)`` is derived from
+its original along the vector axis. The cumulative exponent
 is kept rather than the weights scaled in place, and every step's weights are derived from the
 original ones, so rounding to the model's dtype never compounds. At the end the checkpoint is
 written from the stored weights exactly as one-shot ``apply`` writes it, with the final ``E``
@@ -36,23 +39,27 @@ from kvwctl.artifacts import (
     check_fits_model,
     exposure_metadata,
     read_artifact,
-    retain_coefficients,
+    retain_parts,
     write_artifact,
 )
 from kvwctl.card import AttachedReport, attach_report, base_license
 from kvwctl.checkpoint import Checkpoint, open_checkpoint
 from kvwctl.data import Sample, load_samples
+from kvwctl.edits import check_exposure_parts
 from kvwctl.errors import ArtifactError, ModelError
 from kvwctl.files import committed_together, file_sha256
 from kvwctl.method import (
     batch_ranges,
-    check_gamma,
+    check_gamma_parts,
+    dense_part,
+    experts_part,
     forget_accessor,
     gates,
     parse_layers,
     pooled_coefficient,
+    scale_expert_vectors,
     scale_vectors,
-    summarize_exposures,
+    summarize_parts,
 )
 from kvwctl.options import ApplyOptions
 from kvwctl.outputs import check_outputs
@@ -88,7 +95,7 @@ class ProgressivePlan:
             "command": self.command,
             "model": checkpoint_facts(self.checkpoint),
             "layers": self.layers,
-            "edited_tensors": {str(layer): self.checkpoint.down_projections[layer].name for layer in self.layers},
+            "edited_tensors": {str(layer): self.checkpoint.edited_tensor_names(layer) for layer in self.layers},
             "forget_data": data_facts(self.forget_data, self.samples),
             "retain_profile": {"path": str(self.retain.path), **{key: self.retain.metadata.get(key) for key in keys}},
             "settings": {
@@ -177,6 +184,24 @@ def run_progressive(
     return execute_progressive(plan, tracker=tracker)
 
 
+def _edited_weights(loaded: Any, layers: list[int]) -> dict[str, tuple[Any, int]]:
+    """Per part of ``layers``: the in-memory parameter to weaken and its vector axis.
+
+    A dense down projection's ``weight`` (the architecture's axis); a layer's experts' fused
+    ``down_proj`` ``(E, ., .)`` (the layout's ``memory_axis``).
+    """
+    architecture = loaded.checkpoint.architecture
+    weights: dict[str, tuple[Any, int]] = {}
+    for layer in layers:
+        module = loaded.down_projections[layer]
+        if module is not None:
+            weights[dense_part(layer)] = (module.weight, architecture.vector_axis)
+        experts = loaded.experts[layer] if loaded.experts else None
+        if experts is not None:
+            weights[experts_part(layer)] = (experts.down_proj, architecture.experts.memory_axis)
+    return weights
+
+
 def execute_progressive(plan: ProgressivePlan, *, tracker: Tracker | None = None) -> ApplyResult:
     """The work of a planned progressive apply: fingerprint, Algorithm 1, both outputs."""
     import torch
@@ -203,35 +228,38 @@ def execute_progressive(plan: ProgressivePlan, *, tracker: Tracker | None = None
     with tracker.status(f"Loading {plan.model.reference}"):
         loaded = load_model(checkpoint, device=torch_device, dtype=torch_dtype)
     rendered = render_all(loaded.renderer, samples)
-    retain_by_layer = [coefficient.to(torch_device) for coefficient in retain_coefficients(retain)]
-    modules = loaded.down_projections
-    # The weights as loaded, kept to derive every step's weights from (no compounding rounding).
-    originals = {layer: modules[layer].weight.detach().clone() for layer in selected}
-    cumulative = [torch.zeros_like(coefficient) for coefficient in retain_by_layer]  # float64 (m,) per layer
-    axis = checkpoint.architecture.vector_axis
+    retain_by_part = {part: coefficient.to(torch_device) for part, coefficient in retain_parts(retain).items()}
+    check_exposure_parts(str(retain_profile), retain_by_part, checkpoint)
+    # Per edited part, the parameter weakened in memory, its vector axis and its original values
+    # (kept to derive every step's weights from: no compounding rounding).
+    weights = _edited_weights(loaded, selected)
+    originals = {part: weight.detach().clone() for part, (weight, _) in weights.items()}
+    cumulative = {part: torch.zeros_like(coefficient) for part, coefficient in retain_by_part.items()}  # float64
     batches = batch_ranges(len(rendered), batch_size)
-    with CoefficientCollector(modules) as collector:
+    with CoefficientCollector(loaded.down_projections, loaded.experts) as collector:
         progress = tracker.track(batches, total=len(rendered), description="progressive", unit="samples", size=len)
         for batch in progress:
             encoded = encode_batch(loaded, rendered[batch.start : batch.stop], positions=positions)
-            sums, counts = collector.run(loaded, encoded)
-            for layer, layer_sums in enumerate(sums):
-                accessor = forget_accessor(pooled_coefficient(layer_sums, counts), retain_by_layer[layer])
+            parts, _ = collector.run(loaded, encoded)
+            for part, (part_sums, counts) in parts.items():
+                accessor = forget_accessor(pooled_coefficient(part_sums, counts), retain_by_part[part])
                 if not bool(torch.isfinite(accessor).all()):
                     ids = ", ".join(sample.id for sample in samples[batch.start : batch.stop])
                     raise ModelError(
                         f"forget batch {batch.start // batch_size} (samples {ids}) gives non-finite "
-                        f"knowledge coefficients in layer {layer}",
+                        f"knowledge coefficients in {part}",
                         hint="the model produces NaN or infinite activations; check its weights",
                     )
-                cumulative[layer] += accessor
-            check_gamma(gamma, cumulative, selected)  # before E's gates are computed
+                cumulative[part] += accessor
+            # Before E's gates are computed.
+            check_gamma_parts(gamma, {part: cumulative[part] for part in weights})
             with torch.no_grad():
-                for layer in selected:
-                    gate = gates(cumulative[layer], gamma)
-                    modules[layer].weight.copy_(scale_vectors(originals[layer], gate, axis=axis))
-    exposures = [exposure.float().cpu() for exposure in cumulative]
-    del loaded, originals, modules
+                for part, (weight, axis) in weights.items():
+                    gate = gates(cumulative[part], gamma)  # (m,) or experts (E, m)
+                    scale = scale_expert_vectors if gate.dim() == 2 else scale_vectors
+                    weight.copy_(scale(originals[part], gate, axis=axis))
+    exposures = {part: exposure.float().cpu() for part, exposure in cumulative.items()}
+    del loaded, originals, weights
 
     metadata = exposure_metadata(
         retain,
@@ -257,7 +285,7 @@ def execute_progressive(plan: ProgressivePlan, *, tracker: Tracker | None = None
             "num_batches": len(batches),
             "positions": positions,
             "exposure_file": redactor.text(recorded_path(exposure_path, out)),
-            "layer_summary": [vars(summary) for summary in summarize_exposures(exposures)],
+            "layer_summary": [vars(summary) for summary in summarize_parts(exposures)],
         },
     }
     # The checkpoint's manifest names the exposure file: both are renamed into place, or neither.
@@ -266,7 +294,7 @@ def execute_progressive(plan: ProgressivePlan, *, tracker: Tracker | None = None
         staged_exposure = outputs.file(exposure_path, force=force)
         write_artifact(
             staged_exposure,
-            {f"layers.{layer}.exposure": exposure for layer, exposure in enumerate(exposures)},
+            {f"{part}.exposure": exposure for part, exposure in exposures.items()},
             metadata,
         )
         provenance["progressive"]["exposure_sha256"] = file_sha256(staged_exposure)
