@@ -61,7 +61,9 @@ class ExpertLayout:
     * ``per_expert_patterns`` — on-disk names of one 2-D ``nn.Linear`` weight ``(d_model, m)`` per
       expert (groups ``layer`` and ``expert``): vectors are columns.
     * ``fused_patterns`` — on-disk names of one fused 3-D tensor per layer (group ``layer``), each
-      with the axis that indexes the vectors.
+      with the axis that indexes the vectors; 0 when the shape decides, as transformers'
+      ``Transpose(1, 2, check_dims=True)`` does on load (Qwen3-VL-MoE): ``(E, d, m)`` as in
+      memory (also when ``d == m``) is axis 2, ``(E, m, d)`` axis 1.
     * ``shared_down_proj`` — the shared expert's down projection inside a layer (in memory), if the
       family has one; its on-disk name is among the architecture's ``disk_patterns``.
     * ``num_experts_keys`` — the config keys that may hold the number of routed experts (the
@@ -143,8 +145,8 @@ REGISTRY: dict[str, Architecture] = {
 #   qwen2_moe,    disk model.layers.N.mlp.experts.E.down_proj.weight (d, m); qwen2_moe's shared
 #   qwen3_moe     expert model.layers.N.mlp.shared_expert.down_proj.weight; dense layers
 #                 (mlp_only_layers, decoder_sparse_step) model.layers.N.mlp.down_proj.weight
-#   qwen3_vl_moe  disk model.language_model.layers.N.mlp.experts.down_proj fused (E, m, d)
-#                 (transposed to (E, d, m) at load time)
+#   qwen3_vl_moe  disk model.language_model.layers.N.mlp.experts.down_proj fused, (E, m, d) as the
+#                 4.x module held it (transposed at load time) or (E, d, m) as 5.24 saves it
 #   gpt_oss       disk = memory model.layers.N.mlp.experts.down_proj (E, m, d) with a bias; the
 #                 published openai/gpt-oss files are MXFP4 (down_proj_blocks/_scales): refused.
 # The module-tree fused layout (model.layers.N.mlp.experts.down_proj (E, d, m)) is accepted for
@@ -207,7 +209,8 @@ MOE_REGISTRY: dict[str, Architecture] = {
                 module="mlp.experts",
                 memory_axis=2,
                 per_expert_patterns=(),
-                fused_patterns=((r"model\.language_model" + _LAYER + r"\.mlp\.experts\.down_proj", 1),),
+                # Axis 0: by shape, as transformers' Transpose(1, 2, check_dims=True) decides.
+                fused_patterns=((r"model\.language_model" + _LAYER + r"\.mlp\.experts\.down_proj", 0),),
                 num_experts_keys=("num_experts", "num_local_experts"),
             ),
         ),

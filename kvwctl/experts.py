@@ -27,6 +27,7 @@ torch is imported inside functions so that importing this module is cheap.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,17 +89,35 @@ def expert_projections(
     projections: list[ExpertProjection | None] = []
     for layer in range(num_layers):
         entries = sorted(by_layer.get(layer, []), key=lambda tensor: -1 if tensor.expert is None else tensor.expert)
-        projections.append(_layer_experts(path, layer, entries, count) if entries else None)
+        projections.append(_layer_experts(path, layer, entries, count, config) if entries else None)
     return projections
 
 
-def _layer_experts(path: Path, layer: int, entries: list[ExpertTensor], count: int) -> ExpertProjection:
+def _axis_by_shape(path: Path, tensor: ExpertTensor, config: dict[str, Any]) -> int:
+    """The vector axis of a fused tensor whose orientation its shape tells (see ``ExpertLayout``)."""
+    nested = config.get("text_config")
+    text_config: dict[str, Any] = nested if isinstance(nested, dict) else config
+    d_model, m = text_config.get("hidden_size"), text_config.get("moe_intermediate_size")
+    if tensor.shape[1:] == (d_model, m):
+        return 2  # as transformers holds it in memory: loaded without a transpose
+    if tensor.shape[1:] == (m, d_model):
+        return 1
+    raise ModelError(
+        f"{path}: {tensor.name} has shape {list(tensor.shape)}; config.json makes it (E, {d_model}, {m}) or (E, {m}, {d_model})"
+    )
+
+
+def _layer_experts(
+    path: Path, layer: int, entries: list[ExpertTensor], count: int, config: dict[str, Any]
+) -> ExpertProjection:
     fused = [tensor for tensor in entries if tensor.expert is None]
     if fused:
         if len(entries) != 1:
             names = ", ".join(tensor.name for tensor in entries[:3])
             raise ModelError(f"{path}: layer {layer} stores its experts both fused and per expert ({names}, ...)")
         tensor = fused[0]
+        if tensor.axis == 0:
+            tensor = replace(tensor, axis=_axis_by_shape(path, tensor, config))
         if len(tensor.shape) != 3 or tensor.shape[0] != count:
             raise ModelError(
                 f"{path}: {tensor.name} has shape {list(tensor.shape)}; expected ({count}, ., .) for {count} experts"

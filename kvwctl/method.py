@@ -213,10 +213,15 @@ def check_gamma_parts(gamma: float, exposures: dict[str, torch.Tensor]) -> None:
         largest = float(values.double().max()) if values.numel() else 0.0
         if not gamma * largest <= FLOAT32_MAX:
             raise UsageError(
-                f"--gamma {gamma!r} times the largest exposure of {part} ({largest:.6g}) is "
+                f"--gamma {gamma!r} times the largest exposure of {_part_name(part)} ({largest:.6g}) is "
                 f"{gamma * largest:.6g}, beyond the largest float32 ({FLOAT32_MAX:.6g})",
                 hint="choose a smaller --gamma: exp(-gamma * E) must be computed in float32",
             )
+
+
+def _part_name(part: str) -> str:
+    """``layer 3`` or ``layer 3 experts``, for messages."""
+    return f"layer {part_layer(part)}" + (" experts" if part.endswith(".experts") else "")
 
 
 def gates(exposure: torch.Tensor, gamma: float) -> torch.Tensor:

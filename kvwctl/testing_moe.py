@@ -11,6 +11,12 @@ shards:
 * ``qwen3_moe`` — per-expert weights as Qwen2-MoE, no shared expert; layer 2 dense. ChatML.
 * ``gpt_oss`` — fused ``model.layers.N.mlp.experts.down_proj`` ``(E, m, d)`` with its bias. A
   ChatML template stands in for the harmony format (the template is not what is tested here).
+* ``qwen3_vl_moe`` — a vision-language model: fused
+  ``model.language_model.layers.N.mlp.experts.down_proj`` ``(E, m, d)`` and ``gate_up_proj``
+  ``(E, d, 2m)``, the orientation of the transformers 4.x module that the published checkpoints
+  were saved from (5.24 transposes them at load time; its own ``save_pretrained`` writes
+  ``(E, d, m)``, which ``layout="module"`` keeps); layer 1 dense. ChatML, the Qwen2-VL image
+  processor with 14-pixel patches.
 
 ``layout="module"`` saves the transformers 5 module tree instead (fused ``mlp.experts.down_proj``
 ``(E, d, m)`` and ``gate_up_proj``), which transformers loads as well.
@@ -34,7 +40,7 @@ from kvwctl.testing import (
     sentencepiece_tokenizer,
 )
 
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "qwen3_vl_moe")
 NUM_EXPERTS = 4
 
 
@@ -70,9 +76,18 @@ def build_moe(model_type: str, seed: int = 0) -> tuple[Any, Any]:
             sliding_window=16,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         )
+    elif model_type == "qwen3_vl_moe":
+        return _qwen3_vl_moe()
     else:
         raise ValueError(f"no tiny mixture-of-experts model for {model_type!r}")
     model = tf.AutoModelForCausalLM.from_config(config)
+    _spread_routing(model, model_type)
+    return model, tokenizer
+
+
+def _spread_routing(model: Any, model_type: str) -> None:
+    import torch
+
     # Random routers of a tiny model route almost every token alike; larger router weights spread
     # the tokens over the experts, so that each expert's own count is exercised.
     with torch.no_grad():
@@ -81,7 +96,53 @@ def build_moe(model_type: str, seed: int = 0) -> tuple[Any, Any]:
                 parameter.normal_(0.0, 1.0)
             if model_type == "gpt_oss" and "experts" in name:
                 parameter.normal_(0.0, 0.05)  # from_config leaves gpt-oss's expert tensors uninitialised
-    return model, tokenizer
+
+
+def _qwen3_vl_moe() -> tuple[Any, Any]:
+    import transformers as tf
+
+    tokenizer = byte_level_tokenizer()
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(token)
+        for name, token in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        )
+    }
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2], "mrope_interleaved": True}
+    text = _text_config(
+        tokenizer,
+        num_experts=NUM_EXPERTS,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        mlp_only_layers=[1],
+        head_dim=8,
+        rope_parameters=rope,
+    )
+    vision = dict(
+        depth=2,
+        hidden_size=16,
+        intermediate_size=24,
+        num_heads=2,
+        out_hidden_size=32,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        num_position_embeddings=16,
+        deepstack_visual_indexes=[1],
+    )
+    model = tf.Qwen3VLMoeForConditionalGeneration(tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision, **ids))
+    _spread_routing(model, "qwen3_vl_moe")
+    pixels = 56 * 56
+    processor = tf.Qwen3VLProcessor(
+        image_processor=tf.Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2),
+        tokenizer=tokenizer,
+        video_processor=tf.Qwen3VLVideoProcessor(),
+        chat_template=CHATML_TEMPLATE,
+    )
+    return model, processor
 
 
 def save_moe(model: Any, tokenizer: Any, out: Path, *, layout: str = "hub", max_shard_size: str = "40KB") -> Path:
@@ -89,7 +150,10 @@ def save_moe(model: Any, tokenizer: Any, out: Path, *, layout: str = "hub", max_
     model.save_pretrained(out, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out)
     if layout == "module":
-        _write_module_layout(model, out)
+        if model.config.model_type != "qwen3_vl_moe":  # whose save_pretrained writes the module layout
+            _write_module_layout(model, out)
+    elif layout == "hub" and model.config.model_type == "qwen3_vl_moe":
+        _transpose_fused_experts(out)
     elif layout != "hub":
         raise ValueError(f"unknown layout {layout!r}")
     return out
@@ -110,6 +174,21 @@ def _write_module_layout(model: Any, out: Path) -> None:
         save_safetensors_atomically({name: state[name] for name in shard_names}, out / shard, {"format": "pt"})
         weight_map.update(dict.fromkeys(shard_names, shard))
     write_text_atomically(index_path, json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+
+
+def _transpose_fused_experts(out: Path) -> None:
+    """Store every fused expert tensor ``(E, a, b)`` as ``(E, b, a)``, each shard replaced atomically."""
+    from safetensors import safe_open
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    for shard in sorted(set(index.values())):
+        with safe_open(str(out / shard), framework="pt") as stream:
+            metadata = stream.metadata()
+            tensors = {name: stream.get_tensor(name) for name in stream.keys()}
+        for name, tensor in tensors.items():
+            if name.endswith(("experts.down_proj", "experts.gate_up_proj")):
+                tensors[name] = tensor.transpose(1, 2).contiguous()
+        save_safetensors_atomically(tensors, out / shard, metadata)
 
 
 def build_moe_checkpoint(model_type: str, out: Path, *, layout: str = "hub", seed: int = 0) -> Path:

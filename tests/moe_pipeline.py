@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from kvwctl.testing import write_samples
 
-GAMMA = 0.5
+GAMMA = "0.5"
 
 
 def stored_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -49,21 +49,21 @@ def expected_edit(name: str, weight: torch.Tensor, exposures: dict[str, torch.Te
     layer = int(parts[parts.index("layers") + 1])
     if ".experts." in name and name.endswith(("w2.weight", "down_proj.weight")):  # per expert (d, m)
         expert = int(parts[parts.index("experts") + 1])
-        gate = torch.exp(-GAMMA * exposures[f"layers.{layer}.experts.exposure"][expert].double())
+        gate = torch.exp(-float(GAMMA) * exposures[f"layers.{layer}.experts.exposure"][expert].double())
         return (weight.double() * gate[None, :]).to(weight.dtype)
     if name.endswith("experts.down_proj"):  # fused as published (gpt-oss, Qwen3-VL-MoE): (E, m, d), rows
-        gate = torch.exp(-GAMMA * exposures[f"layers.{layer}.experts.exposure"].double())  # (E, m)
+        gate = torch.exp(-float(GAMMA) * exposures[f"layers.{layer}.experts.exposure"].double())  # (E, m)
         return (weight.double() * gate[:, :, None]).to(weight.dtype)
     if name.endswith("mlp.down_proj.weight") or name.endswith("shared_expert.down_proj.weight"):
-        gate = torch.exp(-GAMMA * exposures[f"layers.{layer}.exposure"].double())
+        gate = torch.exp(-float(GAMMA) * exposures[f"layers.{layer}.exposure"].double())
         return (weight.double() * gate[None, :]).to(weight.dtype)
     return None
 
 
-def run_pipeline(checkpoint: Path, root: Path) -> dict[str, Path]:
+def run_pipeline(checkpoint: Path, root: Path, *, with_images: bool = False) -> dict[str, Path]:
     """The whole pipeline through the CLI; returns the stage files and the two outputs."""
-    forget = write_samples(root / "forget.jsonl", count=3, with_images=False)
-    retain = write_samples(root / "retain.jsonl", count=4, with_images=False, offset=3)
+    forget = write_samples(root / "forget.jsonl", count=3, with_images=with_images)
+    retain = write_samples(root / "retain.jsonl", count=4, with_images=with_images, offset=3)
     paths = {name: root / f"{name}.safetensors" for name in ("retain", "forget", "accessor")}
     for split, data in (("retain", retain), ("forget", forget)):
         result = invoke("profile", "--model", checkpoint, "--data", data, "--split", split, "--out", paths[split])
@@ -85,7 +85,9 @@ def run_pipeline(checkpoint: Path, root: Path) -> dict[str, Path]:
     return paths
 
 
-def check_outputs(checkpoint: Path, paths: dict[str, Path], *, expert_tensors: int) -> None:
+def check_outputs(
+    checkpoint: Path, paths: dict[str, Path], *, expert_tensors: int, auto_class: str = "AutoModelForCausalLM"
+) -> None:
     """Each output: edited tensors as computed by hand, the others byte-identical, loads and generates."""
     import transformers
 
@@ -108,7 +110,7 @@ def check_outputs(checkpoint: Path, paths: dict[str, Path], *, expert_tensors: i
         assert manifest["per_layer"]["0"]["vectors"] == sum(
             math.prod(tensor.shape) for part, tensor in exposures.items() if part.startswith("layers.0.")
         )
-        model = transformers.AutoModelForCausalLM.from_pretrained(paths[output], dtype=torch.float32)
+        model = getattr(transformers, auto_class).from_pretrained(paths[output], dtype=torch.float32)
         generated = model.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=3, do_sample=False)
         assert generated.shape == (1, 6)
     one_shot, progressive = exposures_of(paths["accessor"]), exposures_of(paths["progressive-exposure"])

@@ -80,7 +80,8 @@ def test_mixtral_expert_sums_and_counts_match_the_routing() -> None:
         weights = block.mlp.experts.gate_up_proj.detach()  # (E, 2m, d): w1 (gate) then w3 (up)
 
         def activation(expert: int, h: torch.Tensor) -> torch.Tensor:
-            return F.silu(weights[expert, :size] @ h) * (weights[expert, size:] @ h)  # noqa: B023
+            product: torch.Tensor = F.silu(weights[expert, :size] @ h) * (weights[expert, size:] @ h)  # noqa: B023
+            return product
 
         sums, counts = _hand_sums(hidden.detach(), MASK, routed, activation)
         got_sums, got_counts = parts[f"layers.{layer}.experts"]
@@ -106,7 +107,8 @@ def test_gpt_oss_expert_sums_use_its_clamped_swiglu() -> None:
         def activation(expert: int, h: torch.Tensor) -> torch.Tensor:
             gate_up = h @ weights[expert] + bias[expert]  # noqa: B023  (2m,), gate and up interleaved
             gate, up = gate_up[::2].clamp(max=limit), gate_up[1::2].clamp(min=-limit, max=limit)
-            return (up + 1) * gate * torch.sigmoid(gate * alpha)
+            glu: torch.Tensor = (up + 1) * gate * torch.sigmoid(gate * alpha)
+            return glu
 
         sums, counts = _hand_sums(hidden.detach(), MASK, routed, activation)
         got_sums, got_counts = parts[f"layers.{layer}.experts"]
