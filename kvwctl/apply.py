@@ -40,7 +40,7 @@ from kvwctl.headers import read_json_object
 from kvwctl.method import check_gamma_parts, dense_part, gates, parse_layers, part_layer, tensor_bytes
 from kvwctl.options import ApplyOptions
 from kvwctl.outputs import MANIFEST_FILE, check_outputs, inside
-from kvwctl.plans import checkpoint_facts, output_facts
+from kvwctl.plans import checkpoint_facts, edited_tensors, output_facts
 from kvwctl.progress import NullTracker, Tracker
 from kvwctl.redact import Redactor
 from kvwctl.source import ModelSpec, resolve_model
@@ -305,7 +305,7 @@ class ApplyPlan:
             "command": self.command,
             "model": checkpoint_facts(self.checkpoint),
             "layers": self.layers,
-            "edited_tensors": {str(layer): self.checkpoint.edited_tensor_names(layer) for layer in self.layers},
+            "edited_tensors": {str(layer): edited_tensors(self.checkpoint, layer) for layer in self.layers},
             "accessor": {"path": str(self.accessor.path), **{key: self.accessor.metadata.get(key) for key in keys}},
             "settings": {
                 "gamma": self.options.gamma,

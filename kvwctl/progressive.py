@@ -63,7 +63,7 @@ from kvwctl.method import (
 )
 from kvwctl.options import ApplyOptions
 from kvwctl.outputs import check_outputs
-from kvwctl.plans import batch_count, checkpoint_facts, data_facts, output_facts
+from kvwctl.plans import batch_count, checkpoint_facts, data_facts, edited_tensors, output_facts
 from kvwctl.progress import NullTracker, Tracker
 from kvwctl.redact import Redactor
 from kvwctl.source import ModelSpec, resolve_model
@@ -95,7 +95,7 @@ class ProgressivePlan:
             "command": self.command,
             "model": checkpoint_facts(self.checkpoint),
             "layers": self.layers,
-            "edited_tensors": {str(layer): self.checkpoint.edited_tensor_names(layer) for layer in self.layers},
+            "edited_tensors": {str(layer): edited_tensors(self.checkpoint, layer) for layer in self.layers},
             "forget_data": data_facts(self.forget_data, self.samples),
             "retain_profile": {"path": str(self.retain.path), **{key: self.retain.metadata.get(key) for key in keys}},
             "settings": {
