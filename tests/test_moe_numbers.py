@@ -194,3 +194,27 @@ def test_negative_expert_counts_are_refused(tmp_path: Path) -> None:
     save_file(tensors, str(path), metadata=metadata)
     result = invoke("accessor", "--forget", path, "--retain", path, "--out", tmp_path / "a.safetensors")
     expect_error(result, "tensor layers.0.experts.count has negative values")
+
+
+def test_a_checkpoint_missing_an_expert_is_refused_before_any_work(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from safetensors import safe_open
+
+    from kvwctl.testing import write_samples
+    from kvwctl.testing_moe import build_moe_checkpoint
+
+    checkpoint = shutil.copytree(build_moe_checkpoint("mixtral", tmp_path / "model"), tmp_path / "broken")
+    missing = "model.layers.2.block_sparse_moe.experts.3.w2.weight"
+    index_path = checkpoint / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = index["weight_map"].pop(missing)
+    with safe_open(str(checkpoint / shard), framework="pt") as stream:
+        kept = {name: stream.get_tensor(name) for name in stream.keys() if name != missing}
+    save_file(kept, str(checkpoint / shard), metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+    data = write_samples(tmp_path / "retain.jsonl", count=1, with_images=False)
+    result = invoke("profile", "--model", checkpoint, "--data", data, "--split", "retain", "--out", tmp_path / "r.st",
+                    "--dry-run")  # fmt: skip
+    expect_error(result, "layer 2 has down projections for experts [0, 1, 2]; config.json declares 4 experts")
