@@ -248,7 +248,7 @@ def open_checkpoint(source: ModelSource) -> Checkpoint:
         _check_index(source.path, weight_map, where)
     expected = num_decoder_layers(config)
     if architecture.experts is not None:
-        from kvwctl.experts import expert_projections
+        from kvwctl.experts import dense_layers, expert_projections
 
         experts = expert_projections(source.path, config, architecture, expert_tensors, tensors, expected)
         return Checkpoint(
@@ -259,7 +259,7 @@ def open_checkpoint(source: ModelSource) -> Checkpoint:
             down_projections=(),
             tensors=tuple(tensors),
             files=tuple(name for name in files if name not in shards),
-            dense_by_layer=tuple(_dense_layers(source.path, projections, experts)),
+            dense_by_layer=tuple(dense_layers(source.path, projections, experts)),
             expert_projections=tuple(experts),
         )
     if sorted(projections) != list(range(expected)):
@@ -278,23 +278,6 @@ def open_checkpoint(source: ModelSource) -> Checkpoint:
         tensors=tuple(tensors),
         files=tuple(name for name in files if name not in shards),
     )
-
-
-def _dense_layers(
-    path: Path, projections: dict[int, DownProjection], experts: list[ExpertProjection | None]
-) -> list[DownProjection | None]:
-    """Per layer of a mixture-of-experts model its dense (or shared-expert) down projection, if any.
-
-    Every layer needs a dense down projection or routed experts, and no projection may lie beyond
-    the decoder layers.
-    """
-    beyond = sorted(layer for layer in projections if layer >= len(experts))
-    if beyond:
-        raise ModelError(f"{path}: down-projection weights for layers {beyond} beyond config.json's {len(experts)}")
-    empty = [layer for layer in range(len(experts)) if layer not in projections and experts[layer] is None]
-    if empty:
-        raise ModelError(f"{path}: layers {empty} have neither a down-projection weight nor expert weights on disk")
-    return [projections.get(layer) for layer in range(len(experts))]
 
 
 def _stored_tensors(path: Path, shard: str) -> list[StoredTensor]:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvwctl.architectures import Architecture
-from kvwctl.checkpoint import ExpertProjection, ExpertTensor, StoredTensor
+from kvwctl.checkpoint import DownProjection, ExpertProjection, ExpertTensor, StoredTensor
 from kvwctl.errors import ModelError
 
 if TYPE_CHECKING:
@@ -135,6 +135,23 @@ def _layer_experts(
     if len(shapes) != 1 or len(entries[0].shape) != 2:
         raise ModelError(f"{path}: the expert down projections of layer {layer} have shapes {sorted(shapes)}")
     return ExpertProjection(layer=layer, num_experts=count, num_vectors=entries[0].shape[1], tensors=tuple(entries))
+
+
+def dense_layers(
+    path: Path, projections: dict[int, DownProjection], experts: list[ExpertProjection | None]
+) -> list[DownProjection | None]:
+    """Per layer of a mixture-of-experts model its dense (or shared-expert) down projection, if any.
+
+    Every layer needs a dense down projection or routed experts, and no projection may lie beyond
+    the decoder layers.
+    """
+    beyond = sorted(layer for layer in projections if layer >= len(experts))
+    if beyond:
+        raise ModelError(f"{path}: down-projection weights for layers {beyond} beyond config.json's {len(experts)}")
+    empty = [layer for layer in range(len(experts)) if layer not in projections and experts[layer] is None]
+    if empty:
+        raise ModelError(f"{path}: layers {empty} have neither a down-projection weight nor expert weights on disk")
+    return [projections.get(layer) for layer in range(len(experts))]
 
 
 # --- in memory -----------------------------------------------------------------------------------

@@ -128,7 +128,8 @@ def test_unknown_model_type_lists_supported(
         "profile", "--model", model, "--data", data["retain-text"], "--split", "retain", "--out", tmp_path / "r"
     )
     expect_error(result, "unsupported model_type 'gpt_neox'")
-    assert "llava, mistral, qwen2, qwen2_5_vl, qwen2_vl" in result.stderr.replace("\n", " ").replace("  ", " ")
+    listed = result.stderr.replace("\n", " ").replace("  ", " ")
+    assert "gpt_oss, llama, llava, mistral, mixtral, qwen2, qwen2_5_vl, qwen2_moe, qwen2_vl, qwen3_moe" in listed
 
 
 def test_bad_data_names_file_and_line(checkpoints: dict[str, Path], tmp_path: Path) -> None:
