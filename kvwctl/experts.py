@@ -71,9 +71,9 @@ def expert_projections(
         tensor.name for tensor in tensors if "experts" in tensor.name and tensor.name.endswith(QUANTISED_SUFFIXES)
     ]
     if "quantization_config" in config or quantised:
-        what = (
-            quantised[0] if quantised else f"quantization_config {config['quantization_config'].get('quant_method')!r}"
-        )
+        settings = config.get("quantization_config")
+        method = settings.get("quant_method") if isinstance(settings, dict) else settings
+        what = quantised[0] if quantised else f"quantization_config {method!r}"
         raise ModelError(
             f"{path}: the expert weights are quantised ({what}); kvwctl edits only unquantised (bf16, fp16, fp32) weights",
             hint="use a bf16 copy of the model: load it with transformers (dequantize=True for MXFP4) and save_pretrained",
