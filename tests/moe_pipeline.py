@@ -2,8 +2,8 @@
 
 profile (retain, forget) -> accessor -> apply one-shot and progressive, through the CLI, on a tiny
 checkpoint saved in the family's published on-disk layout; then every edited tensor is checked
-against its hand computation from the exposure file, every other tensor byte for byte, and each
-output is loaded with transformers and generates.
+against its hand computation from the exposure file, every other tensor byte for byte, ``kvwctl
+verify --base`` recomputes the edit, and each output is loaded with transformers and generates.
 """
 
 from __future__ import annotations
@@ -110,6 +110,10 @@ def check_outputs(
         assert manifest["per_layer"]["0"]["vectors"] == sum(
             math.prod(tensor.shape) for part, tensor in exposures.items() if part.startswith("layers.0.")
         )
+        # kvwctl verify recomputes the edit tensor by tensor, per expert, from the base and the exposure.
+        result = invoke("verify", paths[output], "--base", checkpoint, "--accessor", paths[exposure_file])
+        assert result.exit_code == 0, result.output
+        assert f"{edited} edited tensors recomputed exactly" in " ".join(result.stderr.split())
         model = getattr(transformers, auto_class).from_pretrained(paths[output], dtype=torch.float32)
         generated = model.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=3, do_sample=False)
         assert generated.shape == (1, 6)
