@@ -11,7 +11,9 @@ the whole retain set:
     E   = sum_b A_b                                      (the exposure, per layer and vector)
 
 ``apply`` then scales vector ``i`` by ``exp(-gamma * E_i)``. The file stores ``layers.N.exposure``
-(m,) float32 and, with ``--save-batches``, ``layers.N.batch_accessor`` (batches, m).
+(m,) float32 and, with ``--save-batches``, ``layers.N.batch_accessor`` (batches, m); a layer's
+routed experts (mixture of experts) ``layers.N.experts.exposure`` (E, m) and
+``layers.N.experts.batch_accessor`` (batches, E, m), each expert pooled over its own routed positions.
 The math is in :mod:`kvwctl.method`; this module reads the profiles and writes the file.
 With ``redact`` the metadata's ``sample_ids`` and profile paths are keyed hashes (``kvwctl.redact``);
 the ids of a redacted forget profile are hashes already and are copied as they are.
@@ -32,12 +34,12 @@ from kvwctl.artifacts import (
     check_same_model,
     exposure_metadata,
     read_artifact,
-    retain_coefficients,
+    retain_parts,
     write_artifact,
 )
 from kvwctl.errors import ArtifactError
 from kvwctl.files import file_sha256
-from kvwctl.method import LayerSummary, batch_accessors, batch_ranges, exposure, summarize_exposures
+from kvwctl.method import LayerSummary, batch_accessors, batch_ranges, exposure, summarize_parts
 from kvwctl.options import AccessorOptions
 from kvwctl.outputs import check_outputs
 from kvwctl.plans import output_facts
@@ -140,13 +142,18 @@ def plan_accessor(
     forget_paths, retain_paths = profile_paths(forget_profile), profile_paths(retain_profile)
     check_outputs(files=[out], inputs=[*forget_paths, *retain_paths], force=options.force)
     forget, retain = load_profiles(forget_profile, retain_profile)
-    retain_by_layer = retain_coefficients(retain)
-    for layer in range(forget.num_layers):
-        sums = forget.layer_tensor(layer, "sum")  # (samples, m)
-        if sums.shape[1:] != retain_by_layer[layer].shape:
+    retain_by_part = retain_parts(retain)
+    if forget.parts("sum") != list(retain_by_part):
+        raise ArtifactError(
+            f"{forget.path} profiles the parts {forget.parts('sum')[:6]}..., {retain.path} profiles "
+            f"{list(retain_by_part)[:6]}...",
+            hint="profile both splits with the same model",
+        )
+    for part, coefficient in retain_by_part.items():
+        sums = forget.tensors[f"{part}.sum"]  # (samples, m) or (samples, E, m)
+        if sums.shape[1:] != coefficient.shape:
             raise ArtifactError(
-                f"layer {layer}: {forget.path} has {sums.shape[1]} vectors, {retain.path} has "
-                f"{retain_by_layer[layer].shape[0]}"
+                f"{part}: {forget.path} has {list(sums.shape[1:])} vectors, {retain.path} has {list(coefficient.shape)}"
             )
     batches = batch_ranges(forget.tensors["count"].numel(), options.batch_size)
     return AccessorPlan(
@@ -174,18 +181,17 @@ def execute_accessor(plan: AccessorPlan) -> AccessorResult:
     """The work of a planned accessor run: every batch's accessor, the exposure, the file."""
     forget, retain, batches, options = plan.forget, plan.retain, plan.batches, plan.options
     redactor = Redactor.create(enabled=options.redact)
-    counts = forget.tensors["count"]  # (samples,)
-    retain_by_layer = retain_coefficients(retain)
     tensors = {}
-    exposures = []
-    for layer in range(forget.num_layers):
-        sums = forget.layer_tensor(layer, "sum")  # (samples, m)
-        accessors = batch_accessors(sums, counts, retain_by_layer[layer], batches)  # (batches, m) float64
-        layer_exposure = exposure(accessors)  # (m,) float32
-        exposures.append(layer_exposure)
-        tensors[f"layers.{layer}.exposure"] = layer_exposure
+    exposures = {}
+    for part, retain_coefficient in retain_parts(retain).items():
+        sums = forget.tensors[f"{part}.sum"]  # (samples, m); experts (samples, E, m)
+        counts = forget.tensors.get(f"{part}.count", forget.tensors["count"])  # (samples,); experts (samples, E)
+        accessors = batch_accessors(sums, counts, retain_coefficient, batches)  # (batches, m) / (batches, E, m) float64
+        part_exposure = exposure(accessors)  # (m,) / (E, m) float32
+        exposures[part] = part_exposure
+        tensors[f"{part}.exposure"] = part_exposure
         if options.save_batches:
-            tensors[f"layers.{layer}.batch_accessor"] = accessors.float()
+            tensors[f"{part}.batch_accessor"] = accessors.float()
     sample_ids = forget.metadata.get("sample_ids", "[]")
     if forget.metadata.get("redacted") != "true":  # a redacted profile's ids are hashes already
         sample_ids = redactor.id_list(sample_ids)
@@ -200,7 +206,7 @@ def execute_accessor(plan: AccessorPlan) -> AccessorResult:
     )
     write_artifact(plan.out, tensors, metadata)
     return AccessorResult(
-        path=plan.out, num_batches=len(batches), batch_size=options.batch_size, layers=summarize_exposures(exposures)
+        path=plan.out, num_batches=len(batches), batch_size=options.batch_size, layers=summarize_parts(exposures)
     )
 
 

@@ -22,6 +22,7 @@ to its directory when they lie under it, else recorded as given (:func:`recorded
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,13 +32,14 @@ from kvwctl import __version__
 from kvwctl.artifacts import ACCESSOR_FORMAT, Artifact, check_fits_model, read_artifact
 from kvwctl.card import CARD_FILE, AttachedReport, attach_report, base_license, write_card
 from kvwctl.checkpoint import MANIFEST_FORMAT, Checkpoint, carry_over_files, copy_patched_shard, open_checkpoint
+from kvwctl.edits import check_exposure_parts, edit_gates, stored_edits
 from kvwctl.errors import ArtifactError
 from kvwctl.files import StagedOutputs, committed_together, file_sha256, now, write_json_atomically
 from kvwctl.headers import read_json_object
-from kvwctl.method import check_gamma, gates, parse_layers
+from kvwctl.method import check_gamma_parts, dense_part, gates, parse_layers, part_layer
 from kvwctl.options import ApplyOptions
 from kvwctl.outputs import MANIFEST_FILE, check_outputs, inside
-from kvwctl.plans import checkpoint_facts, output_facts
+from kvwctl.plans import checkpoint_facts, edited_tensors, output_facts
 from kvwctl.progress import NullTracker, Tracker
 from kvwctl.redact import Redactor
 from kvwctl.shardcopy import Patch
@@ -87,6 +89,14 @@ class LayerEdit:
     scaled: int  # vectors with a gate below 1
     min_gate: float
     mean_gate: float
+
+
+@dataclass(frozen=True)
+class ExpertLayerEdit(LayerEdit):
+    """How a mixture-of-experts layer was weakened: the counts and gates cover all of its parts."""
+
+    experts: int = 0
+    tensors: list[str] = field(default_factory=list)  # every stored tensor edited in the layer
 
 
 @dataclass(frozen=True)
@@ -147,7 +157,7 @@ class ApplyResult:
 
 def write_weakened_checkpoint(
     checkpoint: Checkpoint,
-    exposures: list[torch.Tensor],
+    exposures: dict[str, torch.Tensor] | Sequence[torch.Tensor],
     *,
     gamma: float,
     layers: list[int],
@@ -173,10 +183,14 @@ def write_weakened_checkpoint(
     The shards are read, weakened and written in overlapped blocks (``copy_patched_shard``): the
     memory held is a few blocks, never a whole shard.
     """
-    check_gamma(gamma, exposures, layers)
+    if not isinstance(exposures, dict):  # a dense model's exposures, layer by layer
+        exposures = {dense_part(layer): values for layer, values in enumerate(exposures)}
+    check_exposure_parts("the exposures", exposures, checkpoint)
+    check_gamma_parts(gamma, {part: values for part, values in exposures.items() if part_layer(part) in layers})
     license = base_license(checkpoint.path)
     axis = checkpoint.architecture.vector_axis
-    edits = {layer: checkpoint.down_projections[layer] for layer in layers}
+    edits = stored_edits(checkpoint, layers)
+    tensor_gates: dict[str, torch.Tensor] = {}  # every edited tensor's gates (m,) or (E * m,)
     layer_edits: dict[int, LayerEdit] = {}
     shard_hashes: dict[str, str] = {}
     input_hashes: dict[str, str] = {}
@@ -191,20 +205,14 @@ def write_weakened_checkpoint(
         for shard in tracker.track(checkpoint.shards, total=len(checkpoint.shards), description="apply", unit="shards"):
             # Each edited weight is scaled block by block as the shard streams through (kvwctl.shardcopy).
             weights: list[WeakenedWeight] = []
-            for projection in edits.values():
-                if projection.shard != shard:
+            for edit in edits:
+                if edit.tensor.shard != shard:
                     continue
-                gate = gates(exposures[projection.layer].to(device), gamma)  # (m,)
-                weights.append(
-                    WeakenedWeight(projection, gate, axis=axis, device=device, refusal=f"refusing to write {out}")
-                )
-                layer_edits[projection.layer] = LayerEdit(
-                    tensor=projection.name,
-                    vectors=gate.numel(),
-                    scaled=int((gate < 1).sum()),
-                    min_gate=float(gate.min()),
-                    mean_gate=float(gate.double().mean()),
-                )
+                part_gates = gates(exposures[edit.part].to(device), gamma)  # (m,) or experts (E, m)
+                gate = edit_gates(edit, part_gates)  # this tensor's: (m,), or (E, m) for a fused one
+                refusal = f"refusing to write {out}"
+                weights.append(WeakenedWeight(edit.tensor, gate, axis=edit.axis, device=device, refusal=refusal))
+                tensor_gates[edit.tensor.name] = gate.reshape(-1)
             patches: dict[tuple[int, int], Patch | bytes] = {
                 (weight.projection.data_start, weight.projection.data_end): weight for weight in weights
             }
@@ -214,6 +222,11 @@ def write_weakened_checkpoint(
             copied = copy_patched_shard(checkpoint.path / shard, target, patches)
             input_hashes[shard], shard_hashes[shard] = copied.input_sha256, copied.output_sha256
             output_digests.update({weight.projection.name: weight.digest.hexdigest() for weight in weights})
+        # A layer's gates in stored_edits' order (verify recomputes them in the same order).
+        layer_edits = {
+            layer: _layer_edit(checkpoint, layer, [tensor_gates[e.tensor.name] for e in edits if e.layer == layer])
+            for layer in layers
+        }
         previous = checkpoint.path / MANIFEST_FILE
         manifest = Manifest(
             tool_version=__version__,
@@ -243,6 +256,24 @@ def write_weakened_checkpoint(
     return ApplyResult(path=out, manifest=manifest)
 
 
+def _layer_edit(checkpoint: Checkpoint, layer: int, layer_gates: list[torch.Tensor]) -> LayerEdit:
+    """The manifest's record of one layer: every gate of its edited tensors (experts: each tensor's)."""
+    import torch
+
+    gate = torch.cat(layer_gates)  # every vector of the layer, dense then experts
+    summary = dict(
+        vectors=gate.numel(),
+        scaled=int((gate < 1).sum()),
+        min_gate=float(gate.min()),
+        mean_gate=float(gate.double().mean()),
+    )
+    names = checkpoint.edited_tensor_names(layer)
+    experts = checkpoint.experts(layer)
+    if experts is None:
+        return LayerEdit(tensor=names[0], **summary)  # type: ignore[arg-type]
+    return ExpertLayerEdit(tensor=names[0], experts=experts.num_experts, tensors=names, **summary)  # type: ignore[arg-type]
+
+
 # --- one-shot ------------------------------------------------------------------------------------
 
 
@@ -253,7 +284,7 @@ class ApplyPlan:
     model: ModelSpec
     checkpoint: Checkpoint
     accessor: Artifact
-    exposures: list[torch.Tensor]  # (m,) float32 per layer, from the accessor
+    exposures: dict[str, torch.Tensor]  # per part: (m,) or experts (E, m) float32, from the accessor
     layers: list[int]
     out: Path
     options: ApplyOptions
@@ -269,7 +300,7 @@ class ApplyPlan:
             "command": self.command,
             "model": checkpoint_facts(self.checkpoint),
             "layers": self.layers,
-            "edited_tensors": {str(layer): self.checkpoint.down_projections[layer].name for layer in self.layers},
+            "edited_tensors": {str(layer): edited_tensors(self.checkpoint, layer) for layer in self.layers},
             "accessor": {"path": str(self.accessor.path), **{key: self.accessor.metadata.get(key) for key in keys}},
             "settings": {
                 "gamma": self.options.gamma,
@@ -310,16 +341,11 @@ def plan_apply(
             f"not from {checkpoint.source.reference} with {checkpoint.num_layers}",
             hint="profile and apply must use the same model weights",
         )
-    exposures = []
-    for layer in range(checkpoint.num_layers):
-        exposure = artifact.layer_tensor(layer, "exposure")
-        if exposure.numel() != checkpoint.num_vectors(layer):
-            raise ArtifactError(
-                f"{accessor}: layer {layer} has {exposure.numel()} exposures; the model has "
-                f"{checkpoint.num_vectors(layer)} knowledge vectors"
-            )
-        exposures.append(exposure)
-    check_gamma(options.gamma, exposures, selected)
+    exposures = {part: artifact.tensors[f"{part}.exposure"] for part in artifact.parts("exposure")}
+    check_exposure_parts(str(accessor), exposures, checkpoint)
+    check_gamma_parts(
+        options.gamma, {part: values for part, values in exposures.items() if part_layer(part) in selected}
+    )
     return ApplyPlan(
         model=model,
         checkpoint=checkpoint,

@@ -17,6 +17,11 @@ For every ``model_type`` this is data, not guesswork (DESIGN §5):
   and computes ``x @ W``, so its vectors are **rows** (axis 0).
 * ``published`` — the family's reference published checkpoint; README's table of supported models
   says how each layout was checked (published weight names, transformers' load-time renames).
+* ``experts`` — for mixture-of-experts families (:class:`ExpertLayout`), where the routed experts
+  are: every expert has its own ``m`` knowledge vectors, stored on disk either as one 2-D weight
+  per expert or as one fused 3-D tensor per layer, and held in memory by transformers 5 as one
+  fused 3-D parameter. A shared expert (Qwen2-MoE) is an ordinary MLP: its down projection is the
+  layer's dense down projection (``shared_down_proj``).
 
 Vision-language families keep the language model's layers under their own prefix: the
 ``language_model.model.layers.N`` of LLaVA-style checkpoints (Gemma 3, LLaVA-NeXT,
@@ -27,7 +32,7 @@ text, so it is not supported: README, "Supported models"), the ``model.language_
 vision towers (``vision_tower.…``, ``model.visual.…``, ``model.vision_model.…``) never match.
 Mllama's cross-attention layers are decoder layers with an MLP like the others: they are numbered
 with the self-attention layers (``text_config.num_hidden_layers`` counts both) and edited alike.
-Mixture-of-experts families add their own entries (and fields) beside these.
+Mixture-of-experts families have their own entries (``MOE_REGISTRY``) beside these.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class Architecture:
     vector_axis: int = 1
     published: str = ""  # the family's reference published checkpoint (README: how its layout was checked)
     image_required: str | None = None  # why every sample must have an image, for the families that need one
+    experts: ExpertLayout | None = None
 
     def disk_layer(self, tensor_name: str) -> int | None:
         """The decoder-layer index of a down-projection weight stored as ``tensor_name``."""
@@ -82,6 +88,45 @@ class Architecture:
             "published": self.published,
             "image_required": self.image_required is not None,
         }
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where a mixture-of-experts family keeps its routed experts, in memory and on disk.
+
+    * ``module`` — the experts module inside a decoder layer (``mlp.experts``): transformers 5
+      holds ``down_proj`` there as one 3-D parameter, ``(E, d_model, m)`` (``memory_axis`` 2) or,
+      for gpt-oss, ``(E, m, d_model)`` (``memory_axis`` 1).
+    * ``per_expert_patterns`` — on-disk names of one 2-D ``nn.Linear`` weight ``(d_model, m)`` per
+      expert (groups ``layer`` and ``expert``): vectors are columns.
+    * ``fused_patterns`` — on-disk names of one fused 3-D tensor per layer (group ``layer``), each
+      with the axis that indexes the vectors; 0 when the shape decides, as transformers'
+      ``Transpose(1, 2, check_dims=True)`` does on load (Qwen3-VL-MoE): ``(E, d, m)`` as in
+      memory (also when ``d == m``) is axis 2, ``(E, m, d)`` axis 1.
+    * ``shared_down_proj`` — the shared expert's down projection inside a layer (in memory), if the
+      family has one; its on-disk name is among the architecture's ``disk_patterns``.
+    * ``num_experts_keys`` — the config keys that may hold the number of routed experts (the
+      published Qwen3-MoE configs write ``num_experts``, transformers 5.24 ``num_local_experts``).
+    """
+
+    module: str
+    memory_axis: int
+    per_expert_patterns: tuple[str, ...]
+    fused_patterns: tuple[tuple[str, int], ...]
+    num_experts_keys: tuple[str, ...]
+    shared_down_proj: str | None = None
+
+    def disk_match(self, tensor_name: str) -> tuple[int, int | None, int] | None:
+        """``(layer, expert or None when fused, vector axis)`` of an expert down projection on disk."""
+        for pattern in self.per_expert_patterns:
+            match = re.fullmatch(pattern, tensor_name)
+            if match:
+                return int(match.group("layer")), int(match.group("expert")), 1
+        for pattern, axis in self.fused_patterns:
+            match = re.fullmatch(pattern, tensor_name)
+            if match:
+                return int(match.group("layer")), None, axis
+        return None
 
 
 _DOWN = r"\.layers\.(?P<layer>\d+)\.mlp\.down_proj\.weight"
@@ -201,6 +246,103 @@ REGISTRY: dict[str, Architecture] = {
         ),
     )
 }
+
+# --- mixture of experts --------------------------------------------------------------------------
+# Layouts read from transformers 5.24 (conversion_mapping.py, which renames and fuses the published
+# per-expert tensors at load time, and each family's modeling file) and from what its
+# save_pretrained writes back:
+#   mixtral       disk model.layers.N.block_sparse_moe.experts.E.w2.weight (d, m)  -> memory
+#                 model.layers.N.mlp.experts.down_proj (E, d, m)
+#   qwen2_moe,    disk model.layers.N.mlp.experts.E.down_proj.weight (d, m); qwen2_moe's shared
+#   qwen3_moe     expert model.layers.N.mlp.shared_expert.down_proj.weight; dense layers
+#                 (mlp_only_layers, decoder_sparse_step) model.layers.N.mlp.down_proj.weight
+#   qwen3_vl_moe  disk model.language_model.layers.N.mlp.experts.down_proj fused, (E, m, d) as the
+#                 4.x module held it (transposed at load time) or (E, d, m) as 5.24 saves it
+#   gpt_oss       disk = memory model.layers.N.mlp.experts.down_proj (E, m, d) with a bias; the
+#                 published openai/gpt-oss files are MXFP4 (down_proj_blocks/_scales): refused.
+# The module-tree fused layout (model.layers.N.mlp.experts.down_proj (E, d, m)) is accepted for
+# mixtral and the Qwen MoE families too.
+
+_LAYER = r"\.layers\.(?P<layer>\d+)"
+_FUSED_MODULE = ((r"model" + _LAYER + r"\.mlp\.experts\.down_proj", 2),)
+
+
+def _qwen_moe(model_type: str, *, shared: bool) -> Architecture:
+    dense: tuple[str, ...] = (r"model" + _DOWN,)
+    if shared:
+        dense += (r"model" + _LAYER + r"\.mlp\.shared_expert\.down_proj\.weight",)
+    return Architecture(
+        model_type=model_type,
+        multimodal=False,
+        auto_class="AutoModelForCausalLM",
+        decoder_layers="model.layers",
+        down_proj="mlp.down_proj",
+        disk_patterns=dense,
+        experts=ExpertLayout(
+            module="mlp.experts",
+            memory_axis=2,
+            per_expert_patterns=(r"model" + _LAYER + r"\.mlp\.experts\.(?P<expert>\d+)\.down_proj\.weight",),
+            fused_patterns=_FUSED_MODULE,
+            num_experts_keys=("num_experts", "num_local_experts"),
+            shared_down_proj="mlp.shared_expert.down_proj" if shared else None,
+        ),
+    )
+
+
+MOE_REGISTRY: dict[str, Architecture] = {
+    architecture.model_type: architecture
+    for architecture in (
+        Architecture(
+            model_type="mixtral",
+            multimodal=False,
+            auto_class="AutoModelForCausalLM",
+            decoder_layers="model.layers",
+            down_proj="mlp.down_proj",  # no dense MLP: every layer is sparse
+            disk_patterns=(),
+            experts=ExpertLayout(
+                module="mlp.experts",
+                memory_axis=2,
+                per_expert_patterns=(r"model" + _LAYER + r"\.block_sparse_moe\.experts\.(?P<expert>\d+)\.w2\.weight",),
+                fused_patterns=_FUSED_MODULE,
+                num_experts_keys=("num_local_experts", "num_experts"),
+            ),
+        ),
+        _qwen_moe("qwen2_moe", shared=True),
+        _qwen_moe("qwen3_moe", shared=False),
+        Architecture(
+            model_type="qwen3_vl_moe",
+            multimodal=True,
+            auto_class="AutoModelForImageTextToText",
+            decoder_layers="model.language_model.layers",
+            down_proj="mlp.down_proj",
+            disk_patterns=(r"model\.language_model" + _DOWN,),
+            experts=ExpertLayout(
+                module="mlp.experts",
+                memory_axis=2,
+                per_expert_patterns=(),
+                # Axis 0: by shape, as transformers' Transpose(1, 2, check_dims=True) decides.
+                fused_patterns=((r"model\.language_model" + _LAYER + r"\.mlp\.experts\.down_proj", 0),),
+                num_experts_keys=("num_experts", "num_local_experts"),
+            ),
+        ),
+        Architecture(
+            model_type="gpt_oss",
+            multimodal=False,
+            auto_class="AutoModelForCausalLM",
+            decoder_layers="model.layers",
+            down_proj="mlp.down_proj",  # no dense MLP: every layer is sparse
+            disk_patterns=(),
+            experts=ExpertLayout(
+                module="mlp.experts",
+                memory_axis=1,
+                per_expert_patterns=(),
+                fused_patterns=((r"model" + _LAYER + r"\.mlp\.experts\.down_proj", 1),),
+                num_experts_keys=("num_local_experts", "num_experts"),
+            ),
+        ),
+    )
+}
+REGISTRY.update(MOE_REGISTRY)
 
 
 def get_architecture(model_type: str | None) -> Architecture:

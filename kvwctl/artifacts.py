@@ -1,8 +1,15 @@
 """Stage files (profiles, accessors): safetensors with string metadata (DESIGN §2).
 
-Every file carries a ``format`` tag with a version (``kvwctl.profile/1``, ``kvwctl.accessor/1``),
+Every file carries a ``format`` tag with a version (``kvwctl.profile/2``, ``kvwctl.accessor/2``),
 the tool version, the model reference, resolved revision and fingerprint, and how it was made.
-Readers check the format before anything else and name the file and both sides of any mismatch.
+Readers check the format before anything else and name the file and both sides of any mismatch;
+a file of an earlier version (``/1``, before mixture-of-experts layers gave the formats an expert
+axis) is refused with the command that regenerates it.
+
+Per layer a file holds the parts the model has (``kvwctl.method.dense_part``/``experts_part``): a
+dense (or shared-expert) down projection, ``layers.N.sum`` / ``layers.N.exposure``, and routed
+experts, ``layers.N.experts.sum`` with their own ``layers.N.experts.count`` /
+``layers.N.experts.exposure``; every layer has at least one.
 An accessor-format file holds exposures; ``accessor`` writes it one-shot and ``apply
 --progressive`` writes the exposure it applied, both with :func:`exposure_metadata`.
 
@@ -25,17 +32,22 @@ from kvwctl import __version__
 from kvwctl.checkpoint import Checkpoint
 from kvwctl.errors import ArtifactError
 from kvwctl.files import save_safetensors_atomically
-from kvwctl.method import EPSILON
+from kvwctl.method import EPSILON, dense_part, experts_part, part_layer, pooled_coefficient
 
 if TYPE_CHECKING:
     import torch
 
-PROFILE_FORMAT = "kvwctl.profile/1"
-ACCESSOR_FORMAT = "kvwctl.accessor/1"
+PROFILE_FORMAT = "kvwctl.profile/2"
+ACCESSOR_FORMAT = "kvwctl.accessor/2"
 # A shard's share of a profile (``profile --shard i/N``), merged by ``profile merge`` (kvwctl.shards),
 # and the checkpoint of an unfinished profile run (``--checkpoint-every``, kvwctl.resume).
 PROFILE_PART_FORMAT = "kvwctl.profile-part/1"
 PROFILE_RESUME_FORMAT = "kvwctl.profile-resume/1"
+# What regenerates a stage file of an earlier format version.
+_REGENERATE = {
+    PROFILE_FORMAT: "kvwctl profile --split retain|forget",
+    ACCESSOR_FORMAT: "kvwctl accessor (from profiles made by this kvwctl), or apply --progressive again",
+}
 
 
 def model_metadata(checkpoint: Checkpoint, fingerprint: str) -> dict[str, str]:
@@ -60,6 +72,13 @@ class Artifact:
         if key not in self.tensors:
             raise ArtifactError(f"{self.path} has no tensor {key}")
         return self.tensors[key]
+
+    def parts(self, leaf: str) -> list[str]:
+        """The parts (``layers.N``, ``layers.N.experts``) with a tensor ``<part>.<leaf>``, by layer, dense first."""
+        return sorted(
+            (name.removesuffix(f".{leaf}") for name in self.tensors if name.endswith(f".{leaf}")),
+            key=lambda part: (part_layer(part), part),
+        )
 
     @property
     def num_layers(self) -> int:
@@ -89,6 +108,13 @@ def read_artifact(path: Path, expected_format: str) -> Artifact:
     except SafetensorError as error:
         raise ArtifactError(f"{path} is not a safetensors file: {error}") from None
     found = metadata.get("format")
+    family = expected_format.rsplit("/", 1)[0]
+    if found is not None and found != expected_format and found.rsplit("/", 1)[0] == family:
+        raise ArtifactError(
+            f"{path} has format {found}, written by an earlier kvwctl; this kvwctl reads {expected_format} "
+            "(the formats gained an expert axis for mixture-of-experts models)",
+            hint=f"regenerate it with {_REGENERATE[expected_format]}",
+        )
     if found != expected_format:
         raise ArtifactError(
             f"{path} has format {found or 'none'}; expected {expected_format}",
@@ -153,13 +179,39 @@ def _profile_problems(split: str, num_layers: int, tensors: dict[str, torch.Tens
         where = "" if split == "retain" else f" for sample{'s' if len(empty) > 1 else ''} {empty[:5]}"
         return [f"tensor count is not positive{where}: every sample needs at least one profiled position"]
     problems = []
+    samples = () if split == "retain" else (count.numel(),)
     for layer in range(num_layers):
-        expected = (-1,) if split == "retain" else (count.numel(), -1)
-        name = f"layers.{layer}.sum"
-        problem = _tensor_problem(name, tensors.get(name), torch.float64, expected, non_negative=True)
-        if problem is not None:
-            problems.append(problem)
+        dense, experts = dense_part(layer), experts_part(layer)
+        if f"{dense}.sum" not in tensors and f"{experts}.sum" not in tensors:
+            problems.append(f"has no tensor {dense}.sum (nor {experts}.sum)")
+            continue
+        if f"{dense}.sum" in tensors:
+            name = f"{dense}.sum"
+            problem = _tensor_problem(name, tensors[name], torch.float64, (*samples, -1), non_negative=True)
+            if problem is not None:
+                problems.append(problem)
+        if f"{experts}.sum" in tensors:
+            problems += _expert_problems(experts, samples, tensors)
     return problems
+
+
+def _expert_problems(part: str, samples: tuple[int, ...], tensors: dict[str, torch.Tensor]) -> list[str]:
+    """A layer's experts: ``sum`` (*samples, E, m) float64 >= 0 and ``count`` (*samples, E) int64 >= 0."""
+    import torch
+
+    sums = tensors[f"{part}.sum"]
+    problem = _tensor_problem(f"{part}.sum", sums, torch.float64, (*samples, -1, -1), non_negative=True)
+    if problem is not None:
+        return [problem]
+    name = f"{part}.count"
+    counts = tensors.get(name)
+    problem = _tensor_problem(name, counts, torch.int64, tuple(sums.shape[:-1]))
+    if problem is not None:
+        return [problem]
+    assert counts is not None
+    if bool((counts < 0).any()):
+        return [f"tensor {name} has negative values; expected every count >= 0"]
+    return []
 
 
 def _accessor_problems(num_layers: int, tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -168,15 +220,19 @@ def _accessor_problems(num_layers: int, tensors: dict[str, torch.Tensor]) -> lis
 
     problems = []
     for layer in range(num_layers):
-        name = f"layers.{layer}.exposure"
-        exposure = tensors.get(name)
-        problem = _tensor_problem(name, exposure, torch.float32, (-1,), non_negative=True)
-        if problem is None and f"layers.{layer}.batch_accessor" in tensors:
-            assert exposure is not None
-            name = f"layers.{layer}.batch_accessor"
-            problem = _tensor_problem(name, tensors[name], torch.float32, (-1, exposure.numel()), non_negative=True)
-        if problem is not None:
-            problems.append(problem)
+        parts = [(dense_part(layer), (-1,)), (experts_part(layer), (-1, -1))]
+        present = [(part, shape) for part, shape in parts if f"{part}.exposure" in tensors]
+        if not present:
+            problems.append(f"has no tensor {dense_part(layer)}.exposure (nor {experts_part(layer)}.exposure)")
+        for part, shape in present:
+            name = f"{part}.exposure"
+            exposure = tensors[name]
+            problem = _tensor_problem(name, exposure, torch.float32, shape, non_negative=True)
+            if problem is None and f"{part}.batch_accessor" in tensors:
+                name = f"{part}.batch_accessor"
+                problem = _tensor_problem(name, tensors[name], torch.float32, (-1, *exposure.shape), non_negative=True)
+            if problem is not None:
+                problems.append(problem)
     return problems
 
 
@@ -233,6 +289,19 @@ def retain_coefficients(retain: Artifact) -> list[torch.Tensor]:
     """``C_r`` per layer, float64 (m,), from a retain profile's pooled sums and count."""
     count = retain.tensors["count"]
     return [retain.layer_tensor(layer, "sum") / count for layer in range(retain.num_layers)]
+
+
+def retain_parts(retain: Artifact) -> dict[str, torch.Tensor]:
+    """``C_r`` of every part (dense ``(m,)``, experts ``(E, m)``, float64) from a retain profile.
+
+    A dense part divides by the split's ``count``; an expert by its own count, 0 where no retain
+    position was routed to it (``kvwctl.method.pooled_coefficient``).
+    """
+    coefficients = {}
+    for part in retain.parts("sum"):
+        counts = retain.tensors.get(f"{part}.count", retain.tensors["count"])
+        coefficients[part] = pooled_coefficient(retain.tensors[f"{part}.sum"].unsqueeze(0), counts.unsqueeze(0))
+    return coefficients
 
 
 def exposure_metadata(

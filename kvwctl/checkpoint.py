@@ -80,6 +80,25 @@ class DownProjection(StoredTensor):
 
 
 @dataclass(frozen=True)
+class ExpertTensor(StoredTensor):
+    """An expert down projection on disk: one expert's 2-D weight, or all experts fused in 3-D."""
+
+    layer: int = -1
+    expert: int | None = None  # None: the fused (E, ., .) tensor of every expert of the layer
+    axis: int = 1  # the axis of this tensor that indexes knowledge vectors
+
+
+@dataclass(frozen=True)
+class ExpertProjection:
+    """The routed experts' down projections of one layer as stored: ``num_experts`` x ``num_vectors``."""
+
+    layer: int
+    num_experts: int
+    num_vectors: int
+    tensors: tuple[ExpertTensor, ...]  # one per expert (by expert), or one fused tensor
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     """A resolved checkpoint: its config, shard files, every stored tensor and the down projections."""
 
@@ -87,9 +106,15 @@ class Checkpoint:
     config: dict[str, Any]
     architecture: Architecture
     shards: tuple[str, ...]
+    # Per layer, the down projection of a dense model; () for a mixture-of-experts model, whose
+    # layers are in ``dense_by_layer`` and ``expert_projections``.
     down_projections: tuple[DownProjection, ...] = field(repr=False)
     tensors: tuple[StoredTensor, ...] = field(default=(), repr=False)  # every tensor, shard by shard
     files: tuple[str, ...] = field(default=(), repr=False)  # every other file (relative POSIX names)
+    # Mixture of experts, per layer: the dense (or shared-expert) down projection, None in a layer
+    # with routed experts only; and the routed experts, None in a dense layer. () for dense models.
+    dense_by_layer: tuple[DownProjection | None, ...] = field(default=(), repr=False)
+    expert_projections: tuple[ExpertProjection | None, ...] = field(default=(), repr=False)
 
     @property
     def path(self) -> Path:
@@ -97,10 +122,25 @@ class Checkpoint:
 
     @property
     def num_layers(self) -> int:
-        return len(self.down_projections)
+        return len(self.expert_projections) if self.expert_projections else len(self.down_projections)
+
+    def dense(self, layer: int) -> DownProjection | None:
+        """The dense (or shared-expert) down projection of ``layer``, None in a layer with experts only."""
+        return self.dense_by_layer[layer] if self.expert_projections else self.down_projections[layer]
 
     def num_vectors(self, layer: int) -> int:
-        return self.down_projections[layer].shape[self.architecture.vector_axis]
+        """The dense down projection's vectors in ``layer`` (0 in a layer with routed experts only)."""
+        projection = self.dense(layer)
+        return 0 if projection is None else projection.shape[self.architecture.vector_axis]
+
+    def experts(self, layer: int) -> ExpertProjection | None:
+        """The routed experts of ``layer``, or None (a dense layer or a dense model)."""
+        return self.expert_projections[layer] if self.expert_projections else None
+
+    def edited_tensor_names(self, layer: int) -> list[str]:
+        """Every stored tensor that weakening ``layer`` rewrites: its dense and its expert down projections."""
+        dense, experts = self.dense(layer), self.experts(layer)
+        return ([dense.name] if dense is not None else []) + ([t.name for t in experts.tensors] if experts else [])
 
     @property
     def input_paths(self) -> list[Path]:
@@ -183,6 +223,7 @@ def open_checkpoint(source: ModelSource) -> Checkpoint:
     shards, weight_map = _shard_files(source.path)
     tensors: list[StoredTensor] = []
     projections: dict[int, DownProjection] = {}
+    expert_tensors: list[ExpertTensor] = []
     where: dict[str, str] = {}
     for shard in shards:
         for tensor in _stored_tensors(source.path / shard, shard):
@@ -192,6 +233,12 @@ def open_checkpoint(source: ModelSource) -> Checkpoint:
                 )
             where[tensor.name] = shard
             tensors.append(tensor)
+            if architecture.experts is not None:
+                matched = architecture.experts.disk_match(tensor.name)
+                if matched is not None:
+                    expert_layer, expert, axis = matched
+                    expert_tensors.append(ExpertTensor(**vars(tensor), layer=expert_layer, expert=expert, axis=axis))
+                    continue
             layer = architecture.disk_layer(tensor.name)
             if layer is None:
                 continue
@@ -203,6 +250,21 @@ def open_checkpoint(source: ModelSource) -> Checkpoint:
     if weight_map is not None:
         _check_index(source.path, weight_map, where)
     expected = num_decoder_layers(config)
+    if architecture.experts is not None:
+        from kvwctl.experts import dense_layers, expert_projections
+
+        experts = expert_projections(source.path, config, architecture, expert_tensors, tensors, expected)
+        return Checkpoint(
+            source=source,
+            config=config,
+            architecture=architecture,
+            shards=tuple(shards),
+            down_projections=(),
+            tensors=tuple(tensors),
+            files=tuple(name for name in files if name not in shards),
+            dense_by_layer=tuple(dense_layers(source.path, projections, experts)),
+            expert_projections=tuple(experts),
+        )
     if sorted(projections) != list(range(expected)):
         found = ", ".join(str(layer) for layer in sorted(projections)) or "none"
         raise ModelError(

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from kvwctl.artifacts import Artifact
 from kvwctl.errors import KvwError, UsageError
-from kvwctl.shards import Shard, merge_parts, shard_samples
+from kvwctl.shards import Shard, merge_parts
 
 if TYPE_CHECKING:
     import torch
@@ -120,45 +120,21 @@ def gather_profile(
     tensors: dict[str, torch.Tensor],
     metadata: dict[str, str],
     *,
-    num_samples: int,
-    batch_size: int,
     out: Path,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
     """Every rank's part (a partial profile in memory) gathered and merged on rank 0; None elsewhere."""
-    import torch
     import torch.distributed as dist
 
-    split, num_layers = metadata["split"], int(metadata["num_layers"])
-    shares = [shard_samples(num_samples, batch_size, Shard(rank + 1, world.size)) for rank in range(world.size)]
-    rows = [len(share) if split == "forget" else 1 for share in shares]
-    names = [f"layers.{layer}.sum" for layer in range(num_layers)]
-    # One flat buffer per rank, padded to the largest share: (rows, sum of m over layers) float64
-    # and (rows,) counts, so that one tensor gather of equal sizes works with NCCL and gloo alike.
-    local = torch.cat([tensors[name].reshape(rows[world.rank], -1) for name in names], dim=1)
-    widths = [tensors[name].shape[-1] for name in names]
-    communication = torch.device(world.device if world.backend == "nccl" else "cpu")
-    padded = torch.zeros(max(rows), local.shape[1], dtype=torch.float64, device=communication)
-    padded[: rows[world.rank]] = local.to(communication)
-    counts = torch.zeros(max(rows), dtype=torch.int64, device=communication)
-    counts[: rows[world.rank]] = tensors["count"].reshape(-1).to(communication)
-    gathered_metadata: list[object] | None = [None] * world.size if world.is_main else None
-    dist.gather_object(metadata, gathered_metadata, dst=0)
-    gathered = [torch.empty_like(padded) for _ in range(world.size)] if world.is_main else None
-    gathered_counts = [torch.empty_like(counts) for _ in range(world.size)] if world.is_main else None
-    dist.gather(padded, gathered, dst=0)
-    dist.gather(counts, gathered_counts, dst=0)
-    if gathered is None or gathered_counts is None or gathered_metadata is None:
+    # Every rank's tensors (host copies: layers.N.sum, experts' sums and counts, count) and metadata
+    # gathered as objects on rank 0: one call for any set of tensor names, with NCCL and gloo alike.
+    local = {name: tensor.cpu() for name, tensor in tensors.items()}
+    gathered: list[object] | None = [None] * world.size if world.is_main else None
+    dist.gather_object((local, metadata), gathered, dst=0)
+    if gathered is None:
         return None
     parts = []
-    for rank in range(world.size):
-        flat = gathered[rank][: rows[rank]].cpu()
-        layer_tensors = torch.split(flat, widths, dim=1)  # (rows, m) per layer
-        part: dict[str, torch.Tensor] = {}
-        for name, rank_rows in zip(names, layer_tensors, strict=True):
-            part[name] = rank_rows.reshape(-1).clone() if split == "retain" else rank_rows.clone()
-        rank_counts = gathered_counts[rank][: rows[rank]].cpu()
-        part["count"] = rank_counts.reshape(()) if split == "retain" else rank_counts
-        rank_metadata = gathered_metadata[rank]
-        assert isinstance(rank_metadata, dict)
-        parts.append(Artifact(path=Path(f"{out} (rank {rank})"), metadata=rank_metadata, tensors=part))
+    for rank, item in enumerate(gathered):
+        assert isinstance(item, tuple), "every rank sends its (tensors, metadata)"
+        rank_tensors, rank_metadata = item
+        parts.append(Artifact(path=Path(f"{out} (rank {rank})"), metadata=rank_metadata, tensors=rank_tensors))
     return merge_parts(parts)

@@ -12,6 +12,17 @@ Knowledge vectors and coefficients
     sums ``(samples, m)`` and counts ``(samples,)`` are added up *before* dividing
     (:func:`pooled_coefficient`), never a mean of per-sample means.
 
+Mixture of experts
+    Each routed expert ``e`` of a layer has its own ``m`` vectors and counts only the profiled
+    positions routed to it: sums ``(samples, E, m)``, counts ``(samples, E)``. Pooling adds them per
+    expert, ``C_e = sum_s sums[s, e] / sum_s counts[s, e]`` ``(E, m)``, and an expert that no
+    position of the set was routed to has ``C_e = 0`` (no activation seen): for a forget batch that
+    gives ``A_b = 0`` (the batch never used it); for the retain set, ``A_b = log((C_f + eps) / eps)``
+    wherever the forget batch used it. The accessor, exposure, gates and scaling are elementwise,
+    so they apply to ``(E, m)`` exactly as to ``(m,)``. Stage files and these functions name each
+    part of a layer by its tensor prefix: :func:`dense_part` (``layers.N``) and :func:`experts_part`
+    (``layers.N.experts``).
+
 Forget Knowledge Accessor
     Forget batches are consecutive runs of ``batch_size`` samples (:func:`batch_ranges`). For a
     batch ``b`` with coefficient ``C_f^b`` and the whole retain set's ``C_r``, both ``(m,)``::
@@ -70,13 +81,31 @@ def batch_ranges(num_samples: int, batch_size: int) -> list[range]:
     return [range(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
 
 
-def pooled_coefficient(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Token-pooled coefficient ``sum_t |a_t| / |T|`` from per-sample sums ``(samples, m)``.
+def dense_part(layer: int) -> str:
+    """The name of a layer's dense (or shared-expert) down projection in stage files: ``layers.N``."""
+    return f"layers.{layer}"
 
+
+def experts_part(layer: int) -> str:
+    """The name of a layer's routed experts in stage files: ``layers.N.experts``."""
+    return f"layers.{layer}.experts"
+
+
+def part_layer(part: str) -> int:
+    """The layer of a part name (``layers.N`` or ``layers.N.experts``)."""
+    return int(part.split(".")[1])
+
+
+def pooled_coefficient(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Token-pooled coefficient ``sum_t |a_t| / |T|`` from per-sample sums and counts.
+
+    Dense: sums ``(samples, m)``, counts ``(samples,)`` -> ``(m,)``. Experts: sums
+    ``(samples, E, m)``, counts ``(samples, E)`` -> ``(E, m)``, an expert with no position 0.
     Pooling adds the sums and the counts before dividing: a mean over every profiled position,
     not a mean of per-sample means.
     """
-    return sums.sum(dim=0) / counts.sum()  # (m,)
+    total = counts.sum(dim=0).unsqueeze(-1)  # (1,) or (E, 1)
+    return sums.sum(dim=0) / total.clamp(min=1)  # (m,) or (E, m); a zero count has a zero sum
 
 
 def forget_accessor(forget: torch.Tensor, retain: torch.Tensor, epsilon: float = EPSILON) -> torch.Tensor:
@@ -133,6 +162,20 @@ def summarize_exposures(exposures: list[torch.Tensor]) -> list[LayerSummary]:
     ]
 
 
+def summarize_parts(exposures: dict[str, torch.Tensor]) -> list[LayerSummary]:
+    """One :class:`LayerSummary` per layer over all of its parts (dense ``(m,)``, experts ``(E, m)``)."""
+    import torch
+
+    by_layer: dict[int, list[torch.Tensor]] = {}
+    for part, values in exposures.items():
+        by_layer.setdefault(part_layer(part), []).append(values.reshape(-1))
+    flat = [torch.cat(by_layer[layer]) for layer in sorted(by_layer)]
+    return [
+        LayerSummary(layer=layer, **{key: value for key, value in vars(summary).items() if key != "layer"})
+        for layer, summary in zip(sorted(by_layer), summarize_exposures(flat), strict=True)
+    ]
+
+
 # --- gates and scaling ---------------------------------------------------------------------------
 
 
@@ -159,6 +202,26 @@ def check_gamma(gamma: float, exposures: Sequence[torch.Tensor], layers: Sequenc
                 f"{gamma * largest:.6g}, beyond the largest float32 ({FLOAT32_MAX:.6g})",
                 hint="choose a smaller --gamma: exp(-gamma * E) must be computed in float32",
             )
+
+
+def check_gamma_parts(gamma: float, exposures: dict[str, torch.Tensor]) -> None:
+    """:func:`check_gamma` over named parts (``layers.N``, ``layers.N.experts``), the error naming the part."""
+    problem = gamma_problem(gamma)
+    if problem is not None:
+        raise UsageError(f"--gamma {problem}")
+    for part, values in exposures.items():
+        largest = float(values.double().max()) if values.numel() else 0.0
+        if not gamma * largest <= FLOAT32_MAX:
+            raise UsageError(
+                f"--gamma {gamma!r} times the largest exposure of {_part_name(part)} ({largest:.6g}) is "
+                f"{gamma * largest:.6g}, beyond the largest float32 ({FLOAT32_MAX:.6g})",
+                hint="choose a smaller --gamma: exp(-gamma * E) must be computed in float32",
+            )
+
+
+def _part_name(part: str) -> str:
+    """``layer 3`` or ``layer 3 experts``, for messages."""
+    return f"layer {part_layer(part)}" + (" experts" if part.endswith(".experts") else "")
 
 
 def gates(exposure: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -197,6 +260,20 @@ def gamma_for_mean_gate(exposed: torch.Tensor, target: float) -> float | None:
         else:
             high = middle
     return float(f"{math.exp((low + high) / 2):.9g}")
+
+
+def scale_expert_vectors(weight: torch.Tensor, gate: torch.Tensor, *, axis: int) -> torch.Tensor:
+    """Scale vector ``i`` of expert ``e`` of a fused ``(E, ., .)`` weight by ``gate[e, i]`` ``(E, m)``.
+
+    ``axis`` (1 or 2) indexes the vectors: 2 for ``(E, d_model, m)``, 1 for ``(E, m, d_model)``.
+    float32, rounded once to the weight's dtype.
+    """
+    if weight.dim() != 3 or axis not in (1, 2) or (weight.shape[0], weight.shape[axis]) != tuple(gate.shape):
+        raise ValueError(
+            f"weight {tuple(weight.shape)} with vectors on axis {axis} does not fit gates {tuple(gate.shape)}"
+        )
+    shaped = gate.to(weight.device).float().unsqueeze(3 - axis)  # (E, 1, m) or (E, m, 1)
+    return (weight.float() * shaped).to(weight.dtype)
 
 
 def scale_vectors(weight: torch.Tensor, gate: torch.Tensor, *, axis: int) -> torch.Tensor:

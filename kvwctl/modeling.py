@@ -3,7 +3,9 @@
 The knowledge coefficients of layer ``l`` are the absolute values of the input ``a`` of its
 down projection (``act(gate(h)) * up(h)`` for gated MLPs). ``CoefficientCollector`` puts a
 forward pre-hook on every down projection of the language model and, for each batch, adds up
-``|a|`` over the profiled positions of each sample, in float64 on the model's device.
+``|a|`` over the profiled positions of each sample, in float64 on the model's device. In a
+mixture-of-experts layer it also sums every routed expert's ``|a_e|`` over the profiled positions
+routed to it, with a count per expert (``kvwctl.experts``).
 
 ``encode_batch`` tokenizes whole conversations (right padding) for profiling and teacher-forced
 scoring; ``encode_prompts`` tokenizes prompts alone (left padding) for generation. With a vision
@@ -19,7 +21,7 @@ torch and transformers are imported inside functions so that ``kvwctl --help`` s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvwctl.architectures import context_length
@@ -78,11 +80,12 @@ class LoadedModel:
     checkpoint: Checkpoint
     model: Any
     renderer: ChatRenderer
-    down_projections: list[Any]  # the language model's down-projection modules, by layer
+    down_projections: list[Any]  # the language model's dense down projections, by layer (None: experts only)
     device: torch.device  # where inputs go: the model's device, or its input embeddings' when dispatched
     dtype: torch.dtype
     placement: Placement | None = None  # the device map it was dispatched with (kvwctl.placement)
     vision_cache: VisionCache | None = None  # projected image features, reused (kvwctl.visioncache)
+    experts: list[Any | None] = field(default_factory=list)  # per layer, the experts module (mixture of experts)
 
 
 def load_model(
@@ -134,7 +137,7 @@ def load_model(
             ) from error
     else:
         processor = transformers.AutoTokenizer.from_pretrained(checkpoint.path)
-    modules = down_projection_modules(model, checkpoint)
+    modules, experts = down_projection_modules(model, checkpoint)
     return LoadedModel(
         checkpoint=checkpoint,
         model=model,
@@ -149,6 +152,7 @@ def load_model(
         dtype=dtype,
         placement=placement,
         vision_cache=_vision_cache(checkpoint, processor, vision_cache, device=device, dtype=dtype),
+        experts=experts,
     )
 
 
@@ -190,8 +194,13 @@ def check_loading_info(checkpoint: Checkpoint, model: Any, loading_info: dict[st
         )
 
 
-def down_projection_modules(model: Any, checkpoint: Checkpoint) -> list[Any]:
-    """The down-projection module of each decoder layer, found by the registry's module path."""
+def down_projection_modules(model: Any, checkpoint: Checkpoint) -> tuple[list[Any | None], list[Any | None]]:
+    """Per decoder layer its dense down-projection module and its experts module, by the registry's paths.
+
+    A dense model has a down projection in every layer and no experts (an empty list). In a
+    mixture-of-experts model each layer has what the checkpoint has on disk: experts, a dense (or
+    shared-expert) down projection, or both.
+    """
     architecture = checkpoint.architecture
     layers = model
     for attribute in architecture.decoder_layers.split("."):
@@ -206,13 +215,62 @@ def down_projection_modules(model: Any, checkpoint: Checkpoint) -> list[Any]:
             f"{architecture.decoder_layers} has {len(layers)} layers; the checkpoint has "
             f"{checkpoint.num_layers} down-projection weights"
         )
-    modules = []
+    if architecture.experts is not None:
+        return _moe_modules(layers, checkpoint)
+    modules: list[Any | None] = []
     for layer in layers:
         module = layer
         for attribute in architecture.down_proj.split("."):
             module = getattr(module, attribute)
         modules.append(module)
-    return modules
+    return modules, []
+
+
+def _moe_modules(layers: Any, checkpoint: Checkpoint) -> tuple[list[Any | None], list[Any | None]]:
+    """The modules of a mixture-of-experts model, each matched with what the checkpoint stores."""
+    from kvwctl.experts import experts_module
+
+    architecture = checkpoint.architecture
+    assert architecture.experts is not None
+    paths = [
+        architecture.down_proj,
+        *([architecture.experts.shared_down_proj] if architecture.experts.shared_down_proj else []),
+    ]
+    dense: list[Any | None] = []
+    experts: list[Any | None] = []
+    for index, layer in enumerate(layers):
+        found = [_module_at(layer, path) for path in paths]
+        module = next((candidate for candidate in found if candidate is not None), None)
+        expert_module = experts_module(layer, architecture)
+        stored_experts = checkpoint.experts(index)
+        if (module is None) != (checkpoint.dense(index) is None) or (expert_module is None) != (stored_experts is None):
+            raise ModelError(
+                f"layer {index}: the model built from config.json and the checkpoint's weights disagree on "
+                "which down projections and experts it has",
+                hint="the checkpoint's config.json does not fit its weights",
+            )
+        if expert_module is not None and stored_experts is not None:
+            shape = tuple(expert_module.down_proj.shape)  # (E, d_model, m) or, gpt-oss, (E, m, d_model)
+            if (
+                shape[0] != stored_experts.num_experts
+                or shape[architecture.experts.memory_axis] != stored_experts.num_vectors
+            ):
+                raise ModelError(
+                    f"layer {index}: the loaded experts' down_proj has shape {shape}; the checkpoint stores "
+                    f"{stored_experts.num_experts} experts of {stored_experts.num_vectors} vectors"
+                )
+        dense.append(module)
+        experts.append(expert_module)
+    return dense, experts
+
+
+def _module_at(root: Any, path: str) -> Any | None:
+    module = root
+    for attribute in path.split("."):
+        if not hasattr(module, attribute):
+            return None
+        module = getattr(module, attribute)
+    return module
 
 
 @dataclass
@@ -310,15 +368,20 @@ def _to_model(value: Any, loaded: LoadedModel) -> Any:
 
 
 class CoefficientCollector:
-    """Per-sample sums of ``|a|`` at the profiled positions, for every down projection.
+    """Per-sample sums of ``|a|`` at the profiled positions, for every down projection and expert.
 
-    Use as a context manager around forward passes; ``run(batch)`` returns, for each layer, a
-    float64 tensor of shape ``(batch, m)`` with the sums, and the number of profiled positions of
-    each sample (the same for every layer).
+    Use as a context manager around forward passes; ``run(batch)`` returns, per part of the model
+    (``kvwctl.method.dense_part``/``experts_part`` of a layer), the float64 sums and the counts:
+    a dense down projection ``(batch, m)`` and the number of profiled positions of each sample
+    ``(batch,)`` (the same for every layer); a layer's routed experts ``(batch, E, m)`` and the
+    profiled positions routed to each expert ``(batch, E)``; and the positions of each sample.
     """
 
-    def __init__(self, modules: list[Any]) -> None:
+    def __init__(self, modules: Sequence[Any | None], experts: Sequence[Any | None] | None = None) -> None:
+        from kvwctl.experts import ExpertCoefficients
+
         self.modules = modules
+        self._experts = ExpertCoefficients(list(experts or []))
         self._handles: list[Any] = []
         self._mask: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None  # (positions,): the sample of each profiled position
@@ -327,13 +390,16 @@ class CoefficientCollector:
 
     def __enter__(self) -> CoefficientCollector:
         for layer, module in enumerate(self.modules):
-            self._handles.append(module.register_forward_pre_hook(self._hook(layer)))
+            if module is not None:
+                self._handles.append(module.register_forward_pre_hook(self._hook(layer)))
+        self._experts.__enter__()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._experts.__exit__(*exc_info)
 
     def _hook(self, layer: int) -> Any:
         import torch
@@ -341,6 +407,9 @@ class CoefficientCollector:
         def hook(module: Any, args: tuple[Any, ...]) -> None:
             activations = args[0]  # (batch, sequence, m): the input of the down projection
             mask, rows = self._placed(activations.device)
+            if activations.dim() == 2 and activations.shape[0] == mask.numel():
+                # A shared expert (Qwen2-MoE) sees the tokens flattened as (batch * sequence, m).
+                activations = activations.reshape(*mask.shape, activations.shape[-1])
             if activations.shape[:2] != mask.shape:
                 raise ModelError(
                     f"down projection of layer {layer} saw input of shape {tuple(activations.shape)}; "
@@ -363,24 +432,38 @@ class CoefficientCollector:
             return self._copies[device]
         return mask, rows
 
-    def run(self, loaded: LoadedModel, batch: EncodedBatch) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def run(
+        self, loaded: LoadedModel, batch: EncodedBatch
+    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         import torch
+
+        from kvwctl.method import dense_part, experts_part
 
         self._mask = batch.position_mask
         self._rows = batch.position_mask.nonzero()[:, 0]
         self._copies = {}
         self._sums = [None] * len(self.modules)
+        self._experts.start(batch.position_mask)
         with torch.inference_mode():
             loaded.model(**batch.inputs, use_cache=False, logits_to_keep=1)
-        skipped = [layer for layer, layer_sums in enumerate(self._sums) if layer_sums is None]
+        skipped = [
+            layer for layer, module in enumerate(self.modules) if module is not None and self._sums[layer] is None
+        ]
         if skipped:
             raise ModelError(
                 f"the forward pass did not run the down projection of decoder layers {skipped}",
                 hint="the model skips these layers for this input (Mllama: cross-attention layers without an image)",
             )
-        sums = [layer_sums for layer_sums in self._sums if layer_sums is not None]
         counts = batch.position_mask.sum(dim=1).to(torch.int64)  # (batch,)
-        return sums, counts
+        parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        expert_results = self._experts.results()
+        for layer in range(len(self.modules)):
+            layer_sums = self._sums[layer]
+            if layer_sums is not None:
+                parts[dense_part(layer)] = (layer_sums, counts)  # (batch, m), (batch,)
+            if layer in expert_results:
+                parts[experts_part(layer)] = expert_results[layer]  # (batch, E, m), (batch, E)
+        return parts, counts
 
 
 def render_all(renderer: ChatRenderer, samples: list[Sample]) -> list[RenderedSample]:

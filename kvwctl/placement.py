@@ -184,26 +184,28 @@ def input_device(model: Any) -> torch.device:
     return execution_device(model.get_input_embeddings())
 
 
-def _offloaded_weights(module: Any) -> tuple[Any, str]:
-    """The mapping an offloaded module's hook reads its weight from, and the weight's key there."""
+def _offloaded_weights(module: Any, name: str) -> tuple[Any, str]:
+    """The mapping an offloaded module's hook reads its parameter ``name`` from, and its key there."""
     hook = getattr(module, "_hf_hook", None)
     weights_map = getattr(hook, "weights_map", None)
     if hook is None or not getattr(hook, "offload", False) or weights_map is None:
         raise ModelError(f"{type(module).__name__} has its weight on the meta device but no offload hook to read it")
-    return weights_map, "weight"
+    return weights_map, name
 
 
-def read_weight(module: Any) -> torch.Tensor:
-    """A module's weight (a detached tensor): from memory, or from the offload map when offloaded."""
-    weight: torch.Tensor = module.weight
+def read_weight(module: Any, name: str = "weight") -> torch.Tensor:
+    """A module's weight (a detached tensor): from memory, or from the offload map when offloaded.
+
+    ``name`` is the parameter: ``weight``, or ``down_proj`` for a layer's fused experts."""
+    weight: torch.Tensor = getattr(module, name)
     if weight.device.type != "meta":
         return weight.detach()
-    weights_map, key = _offloaded_weights(module)
+    weights_map, key = _offloaded_weights(module, name)
     stored: torch.Tensor = weights_map[key]
     return stored
 
 
-def write_weight(module: Any, value: torch.Tensor) -> None:
+def write_weight(module: Any, value: torch.Tensor, name: str = "weight") -> None:
     """Set a module's weight in place (same dtype), also when accelerate offloads it.
 
     An offloaded weight is written into the host-memory state dict of its hook's weights map
@@ -213,12 +215,12 @@ def write_weight(module: Any, value: torch.Tensor) -> None:
     import torch
     from accelerate.utils.offload import OffloadedWeightsLoader, PrefixedDataset
 
-    weight: torch.Tensor = module.weight
+    weight: torch.Tensor = getattr(module, name)
     if weight.device.type != "meta":
         with torch.no_grad():
             weight.copy_(value)
         return
-    weights_map, key = _offloaded_weights(module)
+    weights_map, key = _offloaded_weights(module, name)
     stored = value.detach().to("cpu", weight.dtype).contiguous()
     if isinstance(weights_map, PrefixedDataset):
         dataset, full_key = weights_map.dataset, weights_map.prefix + key

@@ -48,10 +48,29 @@ def checkpoint_facts(checkpoint: Checkpoint) -> dict[str, Any]:
         "architectures": checkpoint.config.get("architectures"),
         "num_layers": checkpoint.num_layers,
         "vectors_per_layer": sorted({checkpoint.num_vectors(layer) for layer in range(checkpoint.num_layers)}),
+        **_expert_facts(checkpoint),
         "shards": sizes,
         "shard_bytes": sum(sizes.values()),
         "tensors": len(checkpoint.tensors),
     }
+
+
+def _expert_facts(checkpoint: Checkpoint) -> dict[str, Any]:
+    """Mixture of experts: the layers with routed experts, experts per layer and vectors per expert."""
+    found = [experts for layer in range(checkpoint.num_layers) if (experts := checkpoint.experts(layer)) is not None]
+    if not found:
+        return {}
+    return {
+        "expert_layers": [experts.layer for experts in found],
+        "experts_per_layer": sorted({experts.num_experts for experts in found}),
+        "vectors_per_expert": sorted({experts.num_vectors for experts in found}),
+    }
+
+
+def edited_tensors(checkpoint: Checkpoint, layer: int) -> str | list[str]:
+    """The stored tensors weakening ``layer`` rewrites: a name, or a list (mixture of experts)."""
+    names = checkpoint.edited_tensor_names(layer)
+    return names[0] if len(names) == 1 and checkpoint.experts(layer) is None else names
 
 
 def data_facts(path: Path, samples: list[Sample]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ function (:data:`PLOTTERS`). Adding a picture is one function::
 
 What is drawn:
 
-* **accessor** (``kvwctl.accessor/1``, one-shot or progressive exposure): per decoder layer the
+* **accessor** (``kvwctl.accessor/2``, one-shot or progressive exposure): per decoder layer the
   number of knowledge vectors with ``E > 0``, the mean and max exposure, the layers of
   ``--layers`` shaded; and the histogram of the gates ``exp(-γ·E)`` (``method.gates``) over the
   vectors of those layers with ``E > 0`` (a vector with ``E = 0`` keeps gate 1 and is not edited).
@@ -219,10 +219,14 @@ def accessor_figure(path: Path, options: PlotOptions) -> Figure:
     import torch
     from matplotlib.ticker import MaxNLocator
 
-    from kvwctl.method import check_gamma, gates, parse_layers, summarize_exposures
+    from kvwctl.method import check_gamma, gates, parse_layers, part_layer, summarize_exposures
 
     artifact = read_artifact(path, ACCESSOR_FORMAT)
-    exposures = [artifact.layer_tensor(layer, "exposure") for layer in range(artifact.num_layers)]
+    # Per layer every vector of all its parts (dense (m,) and, mixture of experts, (E, m)) flattened.
+    by_layer: dict[int, list[torch.Tensor]] = {}
+    for part in artifact.parts("exposure"):
+        by_layer.setdefault(part_layer(part), []).append(artifact.tensors[f"{part}.exposure"].reshape(-1))
+    exposures = [torch.cat(by_layer[layer]) for layer in range(artifact.num_layers)]
     layers = parse_layers(options.layers, artifact.num_layers)
     check_gamma(options.gamma, exposures, layers)
     summaries = summarize_exposures(exposures)

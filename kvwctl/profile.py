@@ -10,7 +10,10 @@ token-pooled however the samples are later grouped:
 * a **retain** profile stores, per layer, ``layers.N.sum`` (m,) and one ``count`` () for the
   pooled split — ``C_r = sum / count``;
 * a **forget** profile stores per-sample ``layers.N.sum`` (samples, m) and ``count`` (samples,),
-  so the accessor can form forget batches of any size.
+  so the accessor can form forget batches of any size;
+* a layer's routed experts (mixture of experts, ``kvwctl.experts``) add ``layers.N.experts.sum``
+  and their own ``layers.N.experts.count`` of routed positions: (E, m) and (E,) for retain,
+  (samples, E, m) and (samples, E) for forget. A layer with experts only has no ``layers.N.sum``.
 
 Sums are float64, accumulated on the model's device; padding is never profiled. With
 ``redact`` the metadata's ``data`` path and ``sample_ids`` are keyed hashes (``kvwctl.redact``).
@@ -77,7 +80,7 @@ class ProfileResult:
         }
 
 
-BatchCallback = Callable[[Sequence[int], list["torch.Tensor"], "torch.Tensor"], None]
+BatchCallback = Callable[[Sequence[int], dict[str, "torch.Tensor"]], None]
 
 
 def collect_sums(
@@ -89,30 +92,36 @@ def collect_sums(
     tracker: Tracker,
     description: str,
     on_batch: BatchCallback | None = None,
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-sample float64 sums ``(samples, m)`` for every layer, and counts ``(samples,)``.
+) -> dict[str, torch.Tensor]:
+    """The per-sample rows of a profile, by tensor name: float64 sums ``layers.N.sum`` ``(samples, m)``
+    for each dense (or shared-expert) down projection, ``layers.N.experts.sum`` ``(samples, E, m)``
+    and the routed positions ``layers.N.experts.count`` ``(samples, E)`` for a layer's experts, and
+    the profiled positions ``count`` ``(samples,)``.
 
-    ``on_batch(indices, sums, counts)`` is called after every batch with the positions of its
-    samples in ``rendered``, their sums ``(batch, m)`` per layer and counts ``(batch,)`` (resume
-    checkpoints, ``kvwctl.resume``). Batches are formed from ``rendered`` alone, so the samples left
-    after whole batches are batched as they were in the whole list: resume relies on it.
+    ``on_batch(indices, rows)`` is called after every batch with the positions of its samples in
+    ``rendered`` and their rows (``(batch, ...)`` per name; resume checkpoints, ``kvwctl.resume``).
+    Batches are formed from ``rendered`` alone, so the samples left after whole batches are batched
+    as they were in the whole list: resume relies on it.
     """
     import torch
 
-    layer_sums: list[list[torch.Tensor]] = [[] for _ in loaded.down_projections]
-    counts: list[torch.Tensor] = []
     batches = [range(start, min(start + batch_size, len(rendered))) for start in range(0, len(rendered), batch_size)]
-    with CoefficientCollector(loaded.down_projections) as collector:
+    chunks: dict[str, list[torch.Tensor]] = {}
+    with CoefficientCollector(loaded.down_projections, loaded.experts) as collector:
         for batch in tracker.track(batches, total=len(rendered), description=description, unit="samples", size=len):
             encoded = encode_batch(loaded, [rendered[index] for index in batch], positions=positions)
-            sums, batch_counts = collector.run(loaded, encoded)
-            for layer, layer_batch in enumerate(sums):
-                layer_sums[layer].append(layer_batch)
-            counts.append(batch_counts)
+            parts, batch_counts = collector.run(loaded, encoded)
+            rows: dict[str, torch.Tensor] = {}
+            for part, (sums, part_count) in parts.items():
+                rows[f"{part}.sum"] = sums  # (batch, m) or (batch, E, m)
+                if part.endswith(".experts"):
+                    rows[f"{part}.count"] = part_count  # (batch, E)
+            rows["count"] = batch_counts  # (batch,)
+            for name, tensor in rows.items():
+                chunks.setdefault(name, []).append(tensor)
             if on_batch is not None:
-                on_batch(batch, sums, batch_counts)
-    # (samples, m) per layer; (samples,)
-    return [torch.cat(chunks) for chunks in layer_sums], torch.cat(counts)
+                on_batch(batch, rows)
+    return {name: torch.cat(parts) for name, parts in chunks.items()}
 
 
 @dataclass(frozen=True)
@@ -276,9 +285,7 @@ def write_profile(
     previous = load_progress(out, identity, selection) if options.resume else Progress()
     done = set(previous.sample_indices)
     remaining = [index for index in selection if index not in done]
-    checkpointer = Checkpointer(
-        out, identity, previous, positions=remaining, every=options.checkpoint_every, num_layers=checkpoint.num_layers
-    )
+    checkpointer = Checkpointer(out, identity, previous, positions=remaining, every=options.checkpoint_every)
     new = None
     if remaining:
         try:
@@ -294,8 +301,9 @@ def write_profile(
         except (KeyboardInterrupt, Terminated):
             checkpointer.save_unsaved()  # Ctrl-C or SIGTERM: keep the batches finished since the last checkpoint
             raise
-    sums, counts = combine(previous, remaining, new, torch_device)
-    tensors = profile_tensors(split, sums, counts)
+    rows = combine(previous, remaining, new, torch_device)
+    counts = rows["count"]  # (samples,)
+    tensors = profile_tensors(split, rows)
     metadata |= {
         "num_samples": str(len(selection)),
         "num_positions": str(int(counts.sum())),
@@ -303,7 +311,7 @@ def write_profile(
     }
     if world is not None:
         metadata = part_metadata(metadata, world.shard, selection, len(samples))
-        merged = gather_profile(world, tensors, metadata, num_samples=len(samples), batch_size=batch_size, out=out)
+        merged = gather_profile(world, tensors, metadata, out=out)
         if merged is None:  # not rank 0: the profile is rank 0's to write
             return ProfileResult(
                 out, split, len(selection), int(counts.sum()), checkpoint.num_layers, fingerprint, written=False
@@ -325,15 +333,9 @@ def write_profile(
     )
 
 
-def profile_tensors(split: str, sums: list[torch.Tensor], counts: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A profile's tensors from per-sample rows: pooled for retain, as they are for forget."""
-    tensors: dict[str, torch.Tensor] = {}
+def profile_tensors(split: str, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A profile's tensors from per-sample rows (``collect_sums``): pooled over the samples for
+    retain (``layers.N.sum`` (m,), experts (E, m) and (E,), ``count`` ()), as they are for forget."""
     if split == "retain":
-        for layer, layer_sums in enumerate(sums):
-            tensors[f"layers.{layer}.sum"] = layer_sums.sum(dim=0).cpu()  # (m,)
-        tensors["count"] = counts.sum().cpu()  # ()
-    else:
-        for layer, layer_sums in enumerate(sums):
-            tensors[f"layers.{layer}.sum"] = layer_sums.cpu()  # (samples, m)
-        tensors["count"] = counts.cpu()  # (samples,)
-    return tensors
+        return {name: tensor.sum(dim=0).cpu() for name, tensor in rows.items()}
+    return {name: tensor.cpu() for name, tensor in rows.items()}

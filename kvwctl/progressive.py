@@ -11,7 +11,10 @@ With ``C_r`` the coefficient of the whole retain set (profiled once, on the orig
     E  += A_b                                              float64 (m,) per layer
     W   = W_0 * exp(-gamma * E)                            layers l_s..l_e, vector by vector
 
-so batch ``b + 1`` sees the model already weakened by batches ``0..b``. The cumulative exponent
+so batch ``b + 1`` sees the model already weakened by batches ``0..b``. In a mixture-of-experts
+layer the same holds per expert: ``E`` is ``(E, m)``, each expert's ``C_f^b`` pooled over the
+batch's positions routed to it, and the fused in-memory ``down_proj`` ``(E, ., .)`` is derived from
+its original along the vector axis. The cumulative exponent
 is kept rather than the weights scaled in place, and every step's weights are derived from the
 original ones, so rounding to the model's dtype never compounds. At the end the checkpoint is
 written from the stored weights exactly as one-shot ``apply`` writes it, with the final ``E``
@@ -36,27 +39,31 @@ from kvwctl.artifacts import (
     check_fits_model,
     exposure_metadata,
     read_artifact,
-    retain_coefficients,
+    retain_parts,
     write_artifact,
 )
 from kvwctl.card import AttachedReport, attach_report, base_license
 from kvwctl.checkpoint import Checkpoint, open_checkpoint
 from kvwctl.data import Sample, load_samples
+from kvwctl.edits import check_exposure_parts
 from kvwctl.errors import ArtifactError, ModelError
 from kvwctl.files import committed_together, file_sha256
 from kvwctl.method import (
     batch_ranges,
-    check_gamma,
+    check_gamma_parts,
+    dense_part,
+    experts_part,
     forget_accessor,
     gates,
     parse_layers,
     pooled_coefficient,
+    scale_expert_vectors,
     scale_vectors,
-    summarize_exposures,
+    summarize_parts,
 )
 from kvwctl.options import ApplyOptions
 from kvwctl.outputs import check_outputs
-from kvwctl.plans import batch_count, checkpoint_facts, data_facts, output_facts
+from kvwctl.plans import batch_count, checkpoint_facts, data_facts, edited_tensors, output_facts
 from kvwctl.progress import NullTracker, Tracker
 from kvwctl.redact import Redactor
 from kvwctl.source import ModelSpec, resolve_model
@@ -88,7 +95,7 @@ class ProgressivePlan:
             "command": self.command,
             "model": checkpoint_facts(self.checkpoint),
             "layers": self.layers,
-            "edited_tensors": {str(layer): self.checkpoint.down_projections[layer].name for layer in self.layers},
+            "edited_tensors": {str(layer): edited_tensors(self.checkpoint, layer) for layer in self.layers},
             "forget_data": data_facts(self.forget_data, self.samples),
             "retain_profile": {"path": str(self.retain.path), **{key: self.retain.metadata.get(key) for key in keys}},
             "settings": {
@@ -178,6 +185,26 @@ def run_progressive(
     return execute_progressive(plan, tracker=tracker)
 
 
+def _edited_weights(loaded: Any, layers: list[int]) -> dict[str, tuple[Any, str, int]]:
+    """Per part of ``layers``: the module holding the parameter to weaken, its name and vector axis.
+
+    A dense down projection's ``weight`` (the architecture's axis); a layer's experts' fused
+    ``down_proj`` ``(E, ., .)`` (the layout's ``memory_axis``). ``placement.read_weight`` and
+    ``write_weight`` reach them also when accelerate offloads them.
+    """
+    architecture = loaded.checkpoint.architecture
+    weights: dict[str, tuple[Any, str, int]] = {}
+    for layer in layers:
+        module = loaded.down_projections[layer]
+        if module is not None:
+            weights[dense_part(layer)] = (module, "weight", architecture.vector_axis)
+        experts = loaded.experts[layer] if loaded.experts else None
+        if experts is not None:
+            assert architecture.experts is not None, "a model with experts modules has an experts layout"
+            weights[experts_part(layer)] = (experts, "down_proj", architecture.experts.memory_axis)
+    return weights
+
+
 def execute_progressive(plan: ProgressivePlan, *, tracker: Tracker | None = None) -> ApplyResult:
     """The work of a planned progressive apply: fingerprint, Algorithm 1, both outputs."""
     import torch
@@ -212,41 +239,52 @@ def execute_progressive(plan: ProgressivePlan, *, tracker: Tracker | None = None
             vision_cache=cache_directory(options),
         )
     rendered = render_all(loaded.renderer, samples)
-    modules = loaded.down_projections
-    # Each layer's coefficients on the device it computes on (several with --device-map).
-    retain_by_layer = [
-        coefficient.to(execution_device(module))
-        for coefficient, module in zip(retain_coefficients(retain), modules, strict=True)
-    ]
-    # The weights as loaded, kept to derive every step's weights from (no compounding rounding);
-    # read_weight/write_weight also reach weights that accelerate offloads.
-    originals = {layer: read_weight(modules[layer]).clone() for layer in selected}
-    cumulative = [torch.zeros_like(coefficient) for coefficient in retain_by_layer]  # float64 (m,) per layer
-    axis = checkpoint.architecture.vector_axis
+    # Each part's coefficients on the device its module computes on (several with --device-map).
+    weights = _edited_weights(loaded, selected)
+    devices = {
+        dense_part(layer): execution_device(module)
+        for layer, module in enumerate(loaded.down_projections)
+        if module is not None
+    }
+    devices |= {
+        experts_part(layer): execution_device(module)
+        for layer, module in enumerate(loaded.experts)
+        if module is not None
+    }
+    retain_by_part = {
+        part: coefficient.to(devices.get(part, torch_device)) for part, coefficient in retain_parts(retain).items()
+    }
+    check_exposure_parts(str(retain_profile), retain_by_part, checkpoint)
+    # Per edited part, its original values as loaded, kept to derive every step's weights from (no
+    # compounding rounding).
+    originals = {part: read_weight(module, name).clone() for part, (module, name, _) in weights.items()}
+    cumulative = {part: torch.zeros_like(coefficient) for part, coefficient in retain_by_part.items()}  # float64
     batches = batch_ranges(len(rendered), batch_size)
-    with CoefficientCollector(modules) as collector:
+    with CoefficientCollector(loaded.down_projections, loaded.experts) as collector:
         progress = tracker.track(batches, total=len(rendered), description="progressive", unit="samples", size=len)
         for batch in progress:
             encoded = encode_batch(loaded, rendered[batch.start : batch.stop], positions=positions)
-            sums, counts = collector.run(loaded, encoded)
-            for layer, layer_sums in enumerate(sums):
-                layer_counts = counts.to(layer_sums.device)
-                accessor = forget_accessor(pooled_coefficient(layer_sums, layer_counts), retain_by_layer[layer])
+            parts, _ = collector.run(loaded, encoded)
+            for part, (part_sums, counts) in parts.items():
+                counts = counts.to(part_sums.device)
+                accessor = forget_accessor(pooled_coefficient(part_sums, counts), retain_by_part[part])
                 if not bool(torch.isfinite(accessor).all()):
                     ids = ", ".join(sample.id for sample in samples[batch.start : batch.stop])
                     raise ModelError(
                         f"forget batch {batch.start // batch_size} (samples {ids}) gives non-finite "
-                        f"knowledge coefficients in layer {layer}",
+                        f"knowledge coefficients in {part}",
                         hint="the model produces NaN or infinite activations; check its weights",
                     )
-                cumulative[layer] += accessor
-            check_gamma(gamma, cumulative, selected)  # before E's gates are computed
+                cumulative[part] += accessor
+            # Before E's gates are computed.
+            check_gamma_parts(gamma, {part: cumulative[part] for part in weights})
             with torch.no_grad():
-                for layer in selected:
-                    gate = gates(cumulative[layer], gamma)
-                    write_weight(modules[layer], scale_vectors(originals[layer], gate, axis=axis))
-    exposures = [exposure.float().cpu() for exposure in cumulative]
-    del loaded, originals, modules
+                for part, (module, name, axis) in weights.items():
+                    gate = gates(cumulative[part], gamma)  # (m,) or experts (E, m)
+                    scale = scale_expert_vectors if gate.dim() == 2 else scale_vectors
+                    write_weight(module, scale(originals[part], gate, axis=axis), name)
+    exposures = {part: exposure.float().cpu() for part, exposure in cumulative.items()}
+    del loaded, originals, weights
 
     metadata = exposure_metadata(
         retain,
@@ -272,7 +310,7 @@ def execute_progressive(plan: ProgressivePlan, *, tracker: Tracker | None = None
             "num_batches": len(batches),
             "positions": positions,
             "exposure_file": redactor.text(recorded_path(exposure_path, out)),
-            "layer_summary": [vars(summary) for summary in summarize_exposures(exposures)],
+            "layer_summary": [vars(summary) for summary in summarize_parts(exposures)],
         },
     }
     # The checkpoint's manifest names the exposure file: both are renamed into place, or neither.
@@ -281,7 +319,7 @@ def execute_progressive(plan: ProgressivePlan, *, tracker: Tracker | None = None
         staged_exposure = outputs.file(exposure_path, force=force)
         write_artifact(
             staged_exposure,
-            {f"layers.{layer}.exposure": exposure for layer, exposure in enumerate(exposures)},
+            {f"{part}.exposure": exposure for part, exposure in exposures.items()},
             metadata,
         )
         provenance["progressive"]["exposure_sha256"] = file_sha256(staged_exposure)

@@ -5,8 +5,9 @@
 
 With ``--checkpoint-every N`` the run writes, after every N-th batch (and on Ctrl-C or SIGTERM, with
 the batches finished since), a **resume sidecar** next to its output, ``<out>.resume`` (format ``kvwctl.profile-resume/1``, written atomically): the
-per-sample float64 rows ``layers.N.sum`` (done, m) and ``count`` (done,) of every sample profiled
-so far (for a retain run too: the pooled sums are formed from them at the end, exactly as an
+per-sample rows of every sample profiled so far, under the names a forget profile gives them
+(``layers.N.sum`` (done, m), for experts ``layers.N.experts.sum`` (done, E, m) and ``.count``
+(done, E), and ``count`` (done,)) (for a retain run too: the pooled sums are formed from them at the end, exactly as an
 uninterrupted run forms them), ``sample_indices`` (done,), their indices in the data file, and
 metadata naming the run: model fingerprint, data sha256, split, positions, batch size, dtype,
 device, tool version, the shard and the samples it covers, and ``batches_done``.
@@ -75,14 +76,12 @@ class Progress:
     """The per-sample rows of the samples done so far (indices into the data file)."""
 
     sample_indices: list[int] = field(default_factory=list)
-    layer_rows: list[list[torch.Tensor]] = field(default_factory=list)  # per layer, chunks of (batch, m)
-    counts: list[torch.Tensor] = field(default_factory=list)  # chunks of (batch,)
+    rows: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # per tensor name, chunks of (batch, ...)
     batches_done: int = 0
 
 
 def load_progress(out: Path, identity: dict[str, str], samples: range) -> Progress:
     """The progress in ``out``'s sidecar, refused unless it belongs to this very run; none if absent."""
-    import torch
 
     sidecar = sidecar_path(out)
     if not sidecar.exists():
@@ -101,11 +100,9 @@ def load_progress(out: Path, identity: dict[str, str], samples: range) -> Progre
     done = artifact.metadata["batches_done"]
     if not done.isdecimal():
         raise ArtifactError(f"{sidecar}: metadata batches_done is {done!r}; expected an integer")
-    layers = artifact.num_layers
     return Progress(
         sample_indices=indices,
-        layer_rows=[[artifact.layer_tensor(layer, "sum")] for layer in range(layers)],
-        counts=[artifact.tensors["count"].to(torch.int64)],
+        rows={name: [tensor] for name, tensor in artifact.tensors.items() if name != "sample_indices"},
         batches_done=int(done),
     )
 
@@ -124,30 +121,27 @@ class Checkpointer:
         *,
         positions: Sequence[int],
         every: int | None,
-        num_layers: int,
     ) -> None:
         self.path = sidecar_path(out)
         self.identity = identity
         # A copy: the resumed rows stay as they were read, for ``combine``.
         self.progress = Progress(
             sample_indices=list(progress.sample_indices),
-            layer_rows=[list(chunks) for chunks in progress.layer_rows] or [[] for _ in range(num_layers)],
-            counts=list(progress.counts),
+            rows={name: list(chunks) for name, chunks in progress.rows.items()},
             batches_done=progress.batches_done,
         )
         self.positions = positions
         self.every = every
         self.saved = progress.batches_done  # the batches the sidecar on disk holds
 
-    def __call__(self, indices: Sequence[int], sums: list[torch.Tensor], counts: torch.Tensor) -> None:
-        """One batch done: its samples' positions in the profiled list, rows (batch, m) per layer, counts."""
+    def __call__(self, indices: Sequence[int], rows: dict[str, torch.Tensor]) -> None:
+        """One batch done: its samples' positions in the profiled list and their rows by tensor name."""
         if self.every is None:  # nothing to write: no need to keep the rows twice
             return
         progress = self.progress
         progress.sample_indices.extend(self.positions[index] for index in indices)
-        for layer, rows in enumerate(sums):
-            progress.layer_rows[layer].append(rows)
-        progress.counts.append(counts)
+        for name, tensor in rows.items():
+            progress.rows.setdefault(name, []).append(tensor)
         progress.batches_done += 1
         if progress.batches_done % self.every == 0:
             self.save()
@@ -157,10 +151,7 @@ class Checkpointer:
         import torch
 
         progress = self.progress
-        tensors = {
-            f"layers.{layer}.sum": torch.cat(chunks).cpu() for layer, chunks in enumerate(progress.layer_rows)
-        }  # (done, m) per layer
-        tensors["count"] = torch.cat(progress.counts).cpu()  # (done,)
+        tensors = {name: torch.cat(chunks).cpu() for name, chunks in progress.rows.items()}  # (done, ...)
         tensors["sample_indices"] = torch.tensor(progress.sample_indices, dtype=torch.int64)  # (done,)
         metadata = {"format": PROFILE_RESUME_FORMAT, **self.identity, "batches_done": str(progress.batches_done)}
         write_artifact(self.path, tensors, metadata)
@@ -179,21 +170,22 @@ class Checkpointer:
 def combine(
     previous: Progress,
     positions: Sequence[int],
-    new: tuple[list[torch.Tensor], torch.Tensor] | None,
+    new: dict[str, torch.Tensor] | None,
     device: torch.device,
-) -> tuple[list[torch.Tensor], torch.Tensor]:
+) -> dict[str, torch.Tensor]:
     """Rows of the resumed samples and of the new ones (None: none were left) in data order, on ``device``."""
     import torch
 
     if not previous.sample_indices:
         assert new is not None, "a run with nothing resumed profiles every sample"
         return new
-    new_sums, new_counts = new if new is not None else ([None] * len(previous.layer_rows), None)
+    names = list(new) if new is not None else list(previous.rows)
+    if set(names) != set(previous.rows):
+        raise ArtifactError("the resume sidecar holds other tensors than this run profiles")
     indices = torch.tensor([*previous.sample_indices, *positions], dtype=torch.int64)
     order = torch.argsort(indices).to(device)  # (samples,): rows in data order
-    layers = []
-    for layer, rows in enumerate(new_sums):
-        chunks = [chunk.to(device) for chunk in previous.layer_rows[layer]] + ([rows] if rows is not None else [])
-        layers.append(torch.cat(chunks)[order])  # (samples, m)
-    count_chunks = [chunk.to(device) for chunk in previous.counts] + ([new_counts] if new_counts is not None else [])
-    return layers, torch.cat(count_chunks)[order]  # (samples,)
+    rows = {}
+    for name in names:
+        chunks = [chunk.to(device) for chunk in previous.rows[name]] + ([new[name]] if new is not None else [])
+        rows[name] = torch.cat(chunks)[order]  # (samples, ...)
+    return rows

@@ -100,24 +100,22 @@ def merge_parts(parts: Sequence[Artifact]) -> tuple[dict[str, torch.Tensor], dic
         raise UsageError("no partial profiles to merge")
     ordered = _check_parts(parts)
     first = ordered[0]
-    split, num_layers = first.metadata["split"], first.num_layers
+    split = first.metadata["split"]
+    names = sorted(first.tensors)
+    for part in ordered[1:]:
+        if sorted(part.tensors) != names:
+            raise ArtifactError(f"{part.path} holds other tensors than {first.path}: they profile different models")
     tensors: dict[str, torch.Tensor] = {}
-    for layer in range(num_layers):
-        name = f"layers.{layer}.sum"
+    for name in names:  # layers.N.sum, layers.N.experts.sum and .count, count
         if split == "retain":
-            total = ordered[0].tensors[name].clone()  # (m,) float64, added in shard order
+            total = (
+                ordered[0].tensors[name].clone()
+            )  # (m,) float64 (experts (E, m), counts int64), added in shard order
             for part in ordered[1:]:
                 total += part.tensors[name]
             tensors[name] = total
         else:
-            tensors[name] = torch.cat([part.tensors[name] for part in ordered])  # (samples, m), sample order
-    if split == "retain":
-        count = ordered[0].tensors["count"].clone()
-        for part in ordered[1:]:
-            count += part.tensors["count"]
-        tensors["count"] = count  # ()
-    else:
-        tensors["count"] = torch.cat([part.tensors["count"] for part in ordered])  # (samples,)
+            tensors[name] = torch.cat([part.tensors[name] for part in ordered])  # (samples, ...), sample order
     sample_ids = [sample_id for part in ordered for sample_id in _sample_ids(part)]
     devices = sorted({part.metadata.get("device", "") for part in ordered})
     metadata = {key: value for key, value in first.metadata.items() if key not in SHARD_KEYS}

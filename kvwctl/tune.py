@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from kvwctl.artifacts import PROFILE_FORMAT, read_artifact, retain_coefficients
 from kvwctl.checkpoint import Checkpoint, open_checkpoint
 from kvwctl.data import load_samples
-from kvwctl.errors import ArtifactError, KvwError, UsageError
+from kvwctl.errors import ArtifactError, KvwError, ModelError, UsageError
 from kvwctl.evaluate import EvalSplit, RenderedSplit, load_split, render_split
 from kvwctl.files import file_sha256, write_json_atomically
 from kvwctl.folds import assign_folds
@@ -212,6 +212,11 @@ class TunePlan:
             for fold in range(1, options.folds + 1)
         }
         self.checkpoint = open_checkpoint(resolve_model(inputs.model.reference, inputs.model.revision))
+        if self.checkpoint.architecture.experts is not None:  # trials weaken dense down projections only
+            raise ModelError(
+                f"kvwctl tune does not support mixture-of-experts models yet ({self.checkpoint.architecture.model_type})",
+                hint="run profile, accessor and apply with chosen --gamma and --layers",
+            )
         self.reference: Checkpoint | None = None
         if inputs.reference is not None:
             self.reference = open_checkpoint(resolve_model(inputs.reference.reference, inputs.reference.revision))

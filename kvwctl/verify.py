@@ -56,6 +56,7 @@ from kvwctl import __version__
 from kvwctl.artifacts import ACCESSOR_FORMAT, check_fits_model, read_artifact
 from kvwctl.card import CARD_FILE
 from kvwctl.checkpoint import FOREIGN_WEIGHT_SUFFIXES, MANIFEST_FILE, MANIFEST_FORMAT, Checkpoint, open_checkpoint
+from kvwctl.edits import check_exposure_parts, edit_gates, stored_edits, weakened_tensor
 from kvwctl.errors import ArtifactError, UsageError, VerificationError
 from kvwctl.files import file_sha256
 from kvwctl.method import gates, scale_vectors
@@ -296,7 +297,7 @@ def execute_verify(plan: VerifyPlan, *, tracker: Tracker | None = None) -> Verif
         )
     for layer in manifest["layers"]:
         recorded = manifest["per_layer"][str(layer)].get("tensor")
-        if layer >= output.num_layers or recorded != output.down_projections[layer].name:
+        if layer >= output.num_layers or recorded not in output.edited_tensor_names(layer):
             raise VerificationError(
                 f"{MANIFEST_FILE}: per_layer.{layer}.tensor {recorded!r} is not a down projection of the checkpoint"
             )
@@ -347,6 +348,7 @@ def _verify_edit(
     tracker: Tracker,
 ) -> VerifyResult:
     """Checks 5 to 7 of the module docstring: the accessor, the base, every tensor."""
+    import torch
     from safetensors import safe_open
 
     from kvwctl.modeling import select_device
@@ -389,14 +391,11 @@ def _verify_edit(
         raise VerificationError(
             f"{MANIFEST_FILE}: vector_axis {axis}, the base's architecture has {checkpoint.architecture.vector_axis}"
         )
-    edited = {checkpoint.down_projections[layer].name: layer for layer in manifest["layers"]}
-    for layer in edited.values():
-        if artifact.layer_tensor(layer, "exposure").numel() != checkpoint.num_vectors(layer):
-            raise ArtifactError(
-                f"{accessor}: layer {layer} has {artifact.layer_tensor(layer, 'exposure').numel()} exposures; "
-                f"the base has {checkpoint.num_vectors(layer)} knowledge vectors"
-            )
-    compared, recomputed_gates = 0, {}  # every edited layer's gates, for the statistics
+    edits = {edit.tensor.name: edit for edit in stored_edits(checkpoint, manifest["layers"])}
+    edited = {name: edit.layer for name, edit in edits.items()}
+    exposures = {part: artifact.tensors[f"{part}.exposure"] for part in artifact.parts("exposure")}
+    check_exposure_parts(str(accessor), exposures, checkpoint)
+    compared, tensor_gates = 0, {}  # every edited tensor's gates, for the statistics
     for shard in tracker.track(output.shards, total=len(output.shards), description="compare tensors", unit="shards"):
         with (
             safe_open(str(output.path / shard), framework="pt") as actual,
@@ -408,9 +407,9 @@ def _verify_edit(
                 expected = original.get_tensor(name)
                 layer = edited.get(name)
                 if layer is not None:
-                    exposure = artifact.layer_tensor(layer, "exposure")
-                    expected = expected_weight(expected.to(device), exposure, gamma, axis=axis)
-                    recomputed_gates[layer] = gates(exposure.to(device), gamma)
+                    part_gates = gates(exposures[edits[name].part].to(device), gamma)
+                    expected = weakened_tensor(expected.to(device), edits[name], part_gates)
+                    tensor_gates[name] = edit_gates(edits[name], part_gates).reshape(-1)
                 problem = tensor_mismatch(actual.get_tensor(name), expected)
                 if problem is not None:
                     what = (
@@ -423,8 +422,8 @@ def _verify_edit(
                         hint=_device_hint(manifest, device) if layer is not None else None,
                     )
                 compared += 1
-    for layer, gate in recomputed_gates.items():
-        _check_statistics(manifest, layer, gate)
+    for layer in manifest["layers"]:  # the gates of a layer's tensors in apply's order (stored_edits)
+        _check_statistics(manifest, layer, torch.cat([tensor_gates[name] for name in edits if edited[name] == layer]))
     checks += [
         f"{compared - len(edited)} untouched tensors byte-identical to the base's",
         f"{len(edited)} edited tensors recomputed exactly",

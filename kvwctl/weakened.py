@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from kvwctl.checkpoint import DownProjection
+from kvwctl.checkpoint import StoredTensor
 from kvwctl.errors import ModelError
 
 if TYPE_CHECKING:
@@ -48,24 +48,36 @@ class WeakenedWeight:
     """
 
     def __init__(
-        self, projection: DownProjection, gate: torch.Tensor, *, axis: int, device: torch.device, refusal: str
+        self, projection: StoredTensor, gate: torch.Tensor, *, axis: int, device: torch.device, refusal: str
     ) -> None:
         import torch
 
-        if projection.dtype not in SCALABLE_DTYPES or len(projection.shape) != 2:
+        shape = projection.shape
+        if projection.dtype not in SCALABLE_DTYPES or len(shape) not in (2, 3):
             raise ModelError(
                 f"{refusal}: the down-projection weight {projection.name} in {projection.shard} is "
-                f"{projection.dtype} {list(projection.shape)}; kvwctl scales floating-point matrices only",
+                f"{projection.dtype} {list(shape)}; kvwctl scales floating-point matrices only",
                 hint="apply needs the checkpoint's unquantized weights",
             )
-        if gate.numel() != projection.shape[axis]:
-            raise ValueError(
-                f"{projection.name} has {projection.shape[axis]} vectors on axis {axis}, gate has {gate.numel()}"
-            )
+        # A fused (E, a, b) experts tensor streams as the rows of its (E * a, b) matrix: with vectors
+        # on axis 1 each row is one vector (row gates, the (E, m) gates flattened); on axis 2 the
+        # rows of expert e take the column gates gate[e] (``group`` rows per expert).
+        self.group: int | None = None
+        if len(shape) == 3:
+            if axis not in (1, 2) or tuple(gate.shape) != (shape[0], shape[axis]):
+                raise ValueError(
+                    f"{projection.name} {list(shape)} with vectors on axis {axis} does not fit gates {list(gate.shape)}"
+                )
+            if axis == 1:
+                gate, axis = gate.reshape(-1), 0
+            else:
+                self.group, axis = shape[1], 1
+        elif gate.numel() != shape[axis]:
+            raise ValueError(f"{projection.name} has {shape[axis]} vectors on axis {axis}, gate has {gate.numel()}")
         self.dtype = getattr(torch, SCALABLE_DTYPES[projection.dtype])
-        self.columns = projection.shape[1]  # (its byte count fits the shape: kvwctl.headers checked it)
+        self.columns = shape[-1]  # (its byte count fits the shape: kvwctl.headers checked it)
         self.projection, self.axis, self.device, self.refusal = projection, axis, device, refusal
-        self.gate = gate.to(device).float()  # (m,)
+        self.gate = gate.to(device).float()  # (m,); a fused tensor's on axis 2: (E, m)
         self.alignment = max(1, self.columns * self.dtype.itemsize)  # one row of the stored matrix
         self.digest = hashlib.sha256()
         self.work: torch.Tensor | None = None  # (rows, columns) float32 on device
@@ -79,7 +91,10 @@ class WeakenedWeight:
             self.work = torch.empty((rows, self.columns), dtype=torch.float32, device=self.device)
         work = self.work[:rows]
         work.copy_(stored)  # weight.float()
-        if self.axis == 1:
+        if self.group is not None:  # rows of a fused (E, d, m) tensor: row r is expert r // d's
+            experts = torch.arange(first_row, first_row + rows, device=self.device) // self.group
+            work.mul_(self.gate[experts])  # (rows, m)
+        elif self.axis == 1:
             work.mul_(self.gate.reshape(1, -1))  # column j of every row times gate[j]
         else:
             work.mul_(self.gate[first_row : first_row + rows].reshape(-1, 1))  # row i times gate[i]

@@ -256,7 +256,7 @@ def test_accessor_refuses_wrong_formats_and_splits(profiles: dict[str, Path], tm
         "--out",
         tmp_path / "a",
     )
-    expect_error(result, "has format kvwctl.accessor/1; expected kvwctl.profile/1")
+    expect_error(result, "has format kvwctl.accessor/2; expected kvwctl.profile/2")
     swapped = invoke(
         "accessor", "--forget", profiles["qwen2-retain"], "--retain", profiles["qwen2-forget"], "--out", tmp_path / "a"
     )

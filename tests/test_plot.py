@@ -235,7 +235,7 @@ def test_plot_writes_a_deterministic_png_beside_the_file(tmp_path: Path) -> None
     assert result.exit_code == 0, result.output
     out = tmp_path / "a.png"
     assert result.stdout == f"{out}\n"
-    assert f"Wrote {out} (kvwctl.accessor/1)" in " ".join(result.stderr.split())  # the console wraps lines
+    assert f"Wrote {out} (kvwctl.accessor/2)" in " ".join(result.stderr.split())  # the console wraps lines
     data = out.read_bytes()
     chunks = png_chunks(data)
     width, height = struct.unpack(">II", chunks[0][1][:8])
@@ -335,10 +335,10 @@ def test_plot_refuses_files_it_cannot_draw(tmp_path: Path) -> None:
     untagged.write_text('{"results": {}}')
     expect_error(invoke("plot", untagged), f"{untagged} has no format tag")
     profile = tmp_path / "profile.safetensors"
-    save_file({"count": torch.tensor(3)}, str(profile), metadata={"format": "kvwctl.profile/1"})
+    save_file({"count": torch.tensor(3)}, str(profile), metadata={"format": "kvwctl.profile/2"})
     expect_error(
         invoke("plot", profile),
-        f"{profile} has format kvwctl.profile/1; kvwctl plot draws {', '.join(sorted(PLOTTERS))}",
+        f"{profile} has format kvwctl.profile/2; kvwctl plot draws {', '.join(sorted(PLOTTERS))}",
     )
     untagged_tensors = tmp_path / "plain.safetensors"
     save_file({"x": torch.zeros(2)}, str(untagged_tensors))

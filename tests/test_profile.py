@@ -196,7 +196,7 @@ def test_profile_metadata_records_how_it_was_made(
     )
     metadata = read_artifact(result.path, PROFILE_FORMAT).metadata
     checkpoint = open_checkpoint(resolve_model(str(checkpoints["llava"])))
-    assert metadata["format"] == "kvwctl.profile/1"
+    assert metadata["format"] == "kvwctl.profile/2"
     assert metadata["model_fingerprint"] == checkpoint.fingerprint() == result.fingerprint
     assert metadata["model_type"] == "llava"
     assert metadata["num_samples"] == "8"
