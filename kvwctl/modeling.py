@@ -3,7 +3,11 @@
 The knowledge coefficients of layer ``l`` are the absolute values of the input ``a`` of its
 down projection (``act(gate(h)) * up(h)`` for gated MLPs). ``CoefficientCollector`` puts a
 forward pre-hook on every down projection of the language model and, for each batch, adds up
-``|a|`` over the profiled positions of each sample, in float64 on the model's device.
+``|a|`` over the profiled positions of each sample, in float64 on the model's device. It runs
+the base model (``model.base_model``: the decoder, and the vision tower of a multimodal model)
+without the language-model head, and never waits for the device inside its loop: the positions
+to profile are indexed on the host when the batch is encoded, so no ``.nonzero()``, ``.item()``
+or ``int(tensor)`` reads a device tensor back per batch or per layer.
 
 ``encode_batch`` tokenizes whole conversations (right padding) for profiling and teacher-forced
 scoring; ``encode_prompts`` tokenizes prompts alone (left padding) for generation.
@@ -157,6 +161,10 @@ def down_projection_modules(model: Any, checkpoint: Checkpoint) -> list[Any]:
 class EncodedBatch:
     inputs: dict[str, Any]  # ready for model(**inputs), on the model's device
     position_mask: torch.Tensor  # (batch, sequence) bool: the profiled positions
+    # The same positions, indexed on the host before the copy to the device (so reading them needs
+    # no synchronisation): each one's index into the flattened (batch * sequence) positions, and its row.
+    position_index: torch.Tensor  # (positions,) int64
+    position_rows: torch.Tensor  # (positions,) int64
 
 
 def _process(
@@ -205,7 +213,13 @@ def encode_batch(loaded: LoadedModel, rendered: list[RenderedSample], *, positio
         )
         mask[row, selected.start : selected.stop] = True
     device_inputs = {name: _to_model(value, loaded) for name, value in inputs.items()}
-    return EncodedBatch(inputs=device_inputs, position_mask=mask.to(loaded.device))
+    flat = mask.reshape(-1).nonzero()[:, 0]  # (positions,): on the host, in row-major order
+    return EncodedBatch(
+        inputs=device_inputs,
+        position_mask=mask.to(loaded.device),
+        position_index=flat.to(loaded.device),
+        position_rows=(flat // mask.shape[1]).to(loaded.device),
+    )
 
 
 def encode_prompts(loaded: LoadedModel, prompts: list[RenderedPrompt]) -> dict[str, Any]:
@@ -240,14 +254,16 @@ class CoefficientCollector:
 
     Use as a context manager around forward passes; ``run(batch)`` returns, for each layer, a
     float64 tensor of shape ``(batch, m)`` with the sums, and the number of profiled positions of
-    each sample (the same for every layer).
+    each sample (the same for every layer). Everything stays on the model's device: the forward
+    pass goes through the base model only (no language-model head, no logits), and the hooks
+    select the profiled positions with the host-made indices of ``EncodedBatch``, so the device is
+    never waited for between batches or layers.
     """
 
     def __init__(self, modules: list[Any]) -> None:
         self.modules = modules
         self._handles: list[Any] = []
-        self._mask: torch.Tensor | None = None
-        self._rows: torch.Tensor | None = None  # (positions,): the sample of each profiled position
+        self._batch: EncodedBatch | None = None
         self._sums: list[torch.Tensor | None] = [None] * len(modules)
 
     def __enter__(self) -> CoefficientCollector:
@@ -265,27 +281,31 @@ class CoefficientCollector:
 
         def hook(module: Any, args: tuple[Any, ...]) -> None:
             activations = args[0]  # (batch, sequence, m): the input of the down projection
-            mask, rows = self._mask, self._rows
-            assert mask is not None and rows is not None, "CoefficientCollector.run sets them first"
+            batch = self._batch
+            assert batch is not None, "CoefficientCollector.run sets it first"
+            mask = batch.position_mask
             if activations.shape[:2] != mask.shape:
                 raise ModelError(
                     f"down projection of layer {layer} saw input of shape {tuple(activations.shape)}; "
                     f"expected (batch, sequence, m) = {tuple(mask.shape)} + (m,)"
                 )
-            selected = activations[mask].abs().to(torch.float64)  # (positions, m)
-            sums = torch.zeros(mask.shape[0], activations.shape[-1], dtype=torch.float64, device=activations.device)
-            self._sums[layer] = sums.index_add_(0, rows, selected)  # (batch, m)
+            width = activations.shape[-1]
+            # The same elements, in the same order, as activations[mask], without its .nonzero().
+            flat = activations.reshape(-1, width)  # (batch * sequence, m)
+            selected = flat.index_select(0, batch.position_index).abs().to(torch.float64)  # (positions, m)
+            sums = torch.zeros(mask.shape[0], width, dtype=torch.float64, device=activations.device)
+            self._sums[layer] = sums.index_add_(0, batch.position_rows, selected)  # (batch, m)
 
         return hook
 
     def run(self, loaded: LoadedModel, batch: EncodedBatch) -> tuple[list[torch.Tensor], torch.Tensor]:
         import torch
 
-        self._mask = batch.position_mask
-        self._rows = batch.position_mask.nonzero()[:, 0]
+        self._batch = batch
         self._sums = [None] * len(self.modules)
         with torch.inference_mode():
-            loaded.model(**batch.inputs, use_cache=False, logits_to_keep=1)
+            # The base model (decoder and vision tower) holds every hooked layer; the head is not run.
+            loaded.model.base_model(**batch.inputs, use_cache=False)
         sums = [layer_sums for layer_sums in self._sums if layer_sums is not None]
         if len(sums) != len(self.modules):
             raise ModelError("the forward pass did not run every decoder layer's down projection")

@@ -78,20 +78,39 @@ def collect_sums(
     tracker: Tracker,
     description: str,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-sample float64 sums ``(samples, m)`` for every layer, and counts ``(samples,)``."""
+    """Per-sample float64 sums ``(samples, m)`` for every layer, and counts ``(samples,)``.
+
+    The samples are batched in order of length (image count, then tokens; ties by text and image
+    paths, so any order of the same samples gives the same batches), which cuts padding; the
+    rows are returned in the order of ``rendered``. Sums stay on the device until the end.
+    """
     import torch
 
+    order = sorted(
+        range(len(rendered)),
+        key=lambda index: (
+            len(rendered[index].sample.images),
+            len(rendered[index].token_ids),
+            rendered[index].text,
+            [str(path) for path in rendered[index].sample.images],
+        ),
+    )
+    ordered = [rendered[index] for index in order]
     layer_sums: list[list[torch.Tensor]] = [[] for _ in loaded.down_projections]
     counts: list[torch.Tensor] = []
-    batches = [rendered[start : start + batch_size] for start in range(0, len(rendered), batch_size)]
+    batches = [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
     with CoefficientCollector(loaded.down_projections) as collector:
         for batch in tracker.track(batches, total=len(rendered), description=description, unit="samples", size=len):
             sums, batch_counts = collector.run(loaded, encode_batch(loaded, batch, positions=positions))
             for layer, layer_batch in enumerate(sums):
                 layer_sums[layer].append(layer_batch)
             counts.append(batch_counts)
-    # (samples, m) per layer; (samples,)
-    return [torch.cat(chunks) for chunks in layer_sums], torch.cat(counts)
+    # Row k of the batched results is sample order[k]; sample i is therefore row position[i].
+    position = torch.empty(len(order), dtype=torch.int64)
+    position[torch.tensor(order, dtype=torch.int64)] = torch.arange(len(order))
+    position = position.to(loaded.device)
+    sample_sums = [torch.cat(chunks).index_select(0, position) for chunks in layer_sums]  # (samples, m) per layer
+    return sample_sums, torch.cat(counts).index_select(0, position)  # and (samples,)
 
 
 @dataclass(frozen=True)
