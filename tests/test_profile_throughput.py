@@ -6,12 +6,11 @@ same samples in another order is the same profile, row for row and byte for byte
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-import json
 
 import pytest
 import torch
@@ -94,22 +93,24 @@ def test_sorted_batches_return_rows_in_sample_order(
         assert len({row.sum().item() for row in layer_sums}) == len(rendered)  # distinct rows
 
 
-def test_profile_runs_no_language_model_head(checkpoints: dict[str, Path], uneven: dict[bool, Path]) -> None:
+@pytest.mark.parametrize("model_type", ["llava", "qwen2"])
+def test_profile_runs_no_language_model_head(
+    model_type: str, checkpoints: dict[str, Path], uneven: dict[bool, Path]
+) -> None:
     """The head (a vocab-sized matmul per position) is never run; the decoder's layers all are."""
-    for model_type in ("llava", "qwen2"):
-        loaded = loaded_model(checkpoints[model_type])
-        calls: list[str] = []
-        head = loaded.model.get_output_embeddings()
-        handle = head.register_forward_hook(lambda *_: calls.append("head"))
-        try:
-            rendered = render_all(loaded.renderer, both_splits(model_type, uneven))
-            sums, _ = sums_of(loaded, rendered, batch_size=4)
-            assert calls == []
-            loaded.model(**encode_batch(loaded, rendered[:1], positions="answer").inputs)
-            assert calls == ["head"]  # the hook does see the full model's head
-        finally:
-            handle.remove()
-        assert all(bool((layer_sums > 0).all()) for layer_sums in sums)
+    loaded = loaded_model(checkpoints[model_type])
+    calls: list[str] = []
+    head = loaded.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda *_: calls.append("head"))
+    try:
+        rendered = render_all(loaded.renderer, both_splits(model_type, uneven))
+        sums, _ = sums_of(loaded, rendered, batch_size=4)
+        assert calls == []
+        loaded.model(**encode_batch(loaded, rendered[:1], positions="answer").inputs)
+        assert calls == ["head"]  # the hook does see the full model's head
+    finally:
+        handle.remove()
+    assert all(bool((layer_sums > 0).all()) for layer_sums in sums)
 
 
 @contextmanager
