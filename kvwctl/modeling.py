@@ -313,6 +313,23 @@ class CoefficientCollector:
         return sums, counts
 
 
+def length_order(rendered: Sequence[RenderedSample]) -> list[int]:
+    """The samples' indices from shortest to longest, for batches with little padding.
+
+    By image count, then tokens before image expansion; ties by text and image paths, a total
+    order on distinct samples, so any order of the same samples batches them the same way.
+    """
+    return sorted(
+        range(len(rendered)),
+        key=lambda index: (
+            len(rendered[index].sample.images),
+            len(rendered[index].token_ids),
+            rendered[index].text,
+            [str(path) for path in rendered[index].sample.images],
+        ),
+    )
+
+
 def render_all(renderer: ChatRenderer, samples: list[Sample]) -> list[RenderedSample]:
     """Render every sample before any forward pass, so that data errors come first."""
     return [renderer.render(sample) for sample in samples]

@@ -33,6 +33,7 @@ from kvwctl.modeling import (
     CoefficientCollector,
     LoadedModel,
     encode_batch,
+    length_order,
     load_model,
     render_all,
     select_device,
@@ -80,21 +81,13 @@ def collect_sums(
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per-sample float64 sums ``(samples, m)`` for every layer, and counts ``(samples,)``.
 
-    The samples are batched in order of length (image count, then tokens; ties by text and image
-    paths, so any order of the same samples gives the same batches), which cuts padding; the
-    rows are returned in the order of ``rendered``. Sums stay on the device until the end.
+    The samples are batched in order of length (``length_order``: any order of the same samples
+    gives the same batches), which cuts padding; the rows are returned in the order of
+    ``rendered``. Sums stay on the device until the end.
     """
     import torch
 
-    order = sorted(
-        range(len(rendered)),
-        key=lambda index: (
-            len(rendered[index].sample.images),
-            len(rendered[index].token_ids),
-            rendered[index].text,
-            [str(path) for path in rendered[index].sample.images],
-        ),
-    )
+    order = length_order(rendered)
     ordered = [rendered[index] for index in order]
     layer_sums: list[list[torch.Tensor]] = [[] for _ in loaded.down_projections]
     counts: list[torch.Tensor] = []
