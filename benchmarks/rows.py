@@ -106,11 +106,11 @@ def profile_work(context: Context, state: Any) -> float:
     from kvwctl.profile import collect_sums
 
     loaded, rendered, tokens = state
-    sums, counts = collect_sums(
+    collect_sums(
         loaded, rendered, positions="answer", batch_size=context.size.batch_size, tracker=NullTracker(), description=""
     )
     synchronize(context)
-    return tokens
+    return float(tokens)
 
 
 def profile_setup(context: Context) -> Any:
@@ -140,21 +140,27 @@ def bare_work(context: Context, state: Any) -> float:
 
 
 def reference_work(context: Context, state: Any) -> float:
-    """As the authors' code runs: batch 1, a full forward with logits, a host sync per layer per sample.
+    """As the authors' code runs: batch 1, a full forward with logits, a host sync per layer per sample."""
+    loaded, rendered, tokens = state
+    reference_sums(loaded, rendered)
+    return float(tokens)
 
-    Each hook copies the layer's selected ``|a|`` to the host (``.cpu()``) and reads the count
-    with ``.item()``; the sums are added up on the host in float64.
+
+def reference_sums(loaded: LoadedModel, rendered: list[Any]) -> list[Any]:
+    """The retain sums of ``|a|`` per layer (numpy float64), one sample at a time, summed on the host.
+
+    Each hook selects the layer's profiled positions with a boolean mask (a ``.nonzero()`` inside),
+    copies their ``|a|`` sums to the host (``.cpu()``) and reads the count with ``.item()``.
     """
     import numpy
+    import torch
 
-    torch = context.torch
-    loaded, rendered, tokens = state
     sums = [numpy.zeros(module.in_features) for module in loaded.down_projections]
     mask: list[Any] = [None]
 
     def hook(layer: int) -> Any:
         def record(module: Any, args: tuple[Any, ...]) -> None:
-            selected = args[0][0][mask[0]]  # (positions, m): boolean indexing, itself a sync
+            selected = args[0][0][mask[0]]  # (positions, m)
             sums[layer] += selected.abs().double().sum(dim=0).cpu().numpy()
             assert int(selected.shape[0]) == mask[0].sum().item()
 
@@ -170,7 +176,7 @@ def reference_work(context: Context, state: Any) -> float:
     finally:
         for handle in handles:
             handle.remove()
-    return tokens
+    return sums
 
 
 def gradient_ascent_setup(context: Context) -> Any:

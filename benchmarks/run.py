@@ -22,6 +22,7 @@ Linux only (fork, /proc).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -268,14 +269,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sizes", nargs="+", choices=sorted(bench_sizes.SIZES), help="default: by device")
     parser.add_argument("--rows", default=",".join(ROW_IDS), help=f"comma-separated, of: {', '.join(ROW_IDS)}")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="float32 on CPU, else bfloat16")
+    parser.add_argument("--threads", type=int, help="torch threads per row (default: torch's, one per core)")
     parser.add_argument("--out", type=Path, help="also write the table: .json or .md")
-    parser.add_argument("--workdir", type=Path, help="where checkpoints go (default: a temporary directory)")
+    parser.add_argument(
+        "--workdir", type=Path, help="a new directory to make and keep the checkpoints in (default: a temporary one)"
+    )
     arguments = parser.parse_args(argv)
     unknown = sorted(set(arguments.rows.split(",")) - set(ROW_IDS))
     if unknown:
         parser.error(f"unknown rows: {', '.join(unknown)} (choose from {', '.join(ROW_IDS)})")
     if arguments.out is not None and arguments.out.suffix not in (".json", ".md"):
         parser.error("--out must end in .json or .md")
+    if arguments.workdir is not None and arguments.workdir.exists():
+        parser.error(f"--workdir {arguments.workdir} exists; name a new directory")
     return arguments
 
 
@@ -284,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
 
     arguments = parse(argv)
     logging.disable_progress_bar()  # in every child too
+    if arguments.threads is not None:
+        import torch
+
+        torch.set_num_threads(arguments.threads)  # inherited by every forked child
     device = arguments.device
     if device == "cuda" and not in_child(lambda: __import__("torch").cuda.is_available()):
         print("Error: --device cuda, but CUDA is not available", file=sys.stderr)
@@ -294,10 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     by_name = {row.name: row for row in bench_rows.ROWS}
     started = time.perf_counter()
     report: dict[str, Any] = {"machine": machine(device), "dtype": dtype, "rows": []}
-    with tempfile.TemporaryDirectory(prefix="kvw-bench-", dir=arguments.workdir) as temporary:
+    with contextlib.ExitStack() as stack:
+        if arguments.workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvw-bench-")))
+        else:
+            workdir = arguments.workdir
+            workdir.mkdir(parents=True)
         for name in names:
             size = bench_sizes.SIZES[name]
-            root = Path(temporary) / name
+            root = workdir / name
             print(f"{name} ({size.describe()}): preparing", file=sys.stderr)
             context = context_for(size, root, device, dtype)
             in_child(functools.partial(prepare, context))
