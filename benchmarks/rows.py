@@ -51,13 +51,7 @@ class Context:
         from kvwctl.source import resolve_model
 
         checkpoint = open_checkpoint(resolve_model(str(self.checkpoint)))
-        return load_model(checkpoint, device=torch.device(self.device), dtype=getattr(self.torch, self.dtype))
-
-    @property
-    def torch(self) -> Any:
-        import torch
-
-        return torch
+        return load_model(checkpoint, device=torch.device(self.device), dtype=getattr(torch, self.dtype))
 
 
 @dataclass(frozen=True)
@@ -71,8 +65,10 @@ class Row:
 
 
 def synchronize(context: Context) -> None:
+    import torch
+
     if context.device.startswith("cuda"):
-        context.torch.cuda.synchronize()
+        torch.cuda.synchronize()
 
 
 def _rendered(context: Context, split: str) -> tuple[LoadedModel, list[Any]]:
@@ -83,7 +79,9 @@ def _rendered(context: Context, split: str) -> tuple[LoadedModel, list[Any]]:
     """
     loaded = context.load()
     rendered = render_all(loaded.renderer, load_samples(context.data[split]))
-    with context.torch.inference_mode():
+    import torch
+
+    with torch.inference_mode():
         loaded.model.base_model(**encode_batch(loaded, rendered[:1], positions="answer").inputs, use_cache=False)
     synchronize(context)
     return loaded, rendered
@@ -132,7 +130,9 @@ def bare_setup(context: Context, *, sort: bool = True) -> Any:
 def bare_work(context: Context, state: Any) -> float:
     """The base decoder (and vision tower) alone: no hooks, no head."""
     loaded, batches = state
-    with context.torch.inference_mode():
+    import torch
+
+    with torch.inference_mode():
         for batch in batches:
             loaded.model.base_model(**batch.inputs, use_cache=False)
     synchronize(context)
@@ -180,7 +180,8 @@ def reference_sums(loaded: LoadedModel, rendered: list[Any]) -> list[Any]:
 
 
 def gradient_ascent_setup(context: Context) -> Any:
-    torch = context.torch
+    import torch
+
     loaded, rendered = _rendered(context, "retain")
     loaded.model.train()
     for parameter in loaded.model.parameters():
@@ -194,14 +195,15 @@ def gradient_ascent_setup(context: Context) -> Any:
 
 def gradient_ascent_work(context: Context, state: Any) -> float:
     """Full fine-tuning, one step per batch: forward with logits, minus the answer NLL, backward, AdamW."""
-    torch = context.torch
+    import torch
+
     loaded, batches, optimizer = state
     for batch in batches:
         logits = loaded.model(**batch.inputs).logits  # (batch, sequence, vocab)
         labels = batch.inputs["input_ids"][:, 1:]  # the token each position predicts
         mask = batch.position_mask[:, :-1]  # (batch, sequence - 1): positions predicting answer tokens
         nll = torch.nn.functional.cross_entropy(logits[:, :-1][mask].float(), labels[mask])
-        (-nll).backward()
+        torch.autograd.backward(-nll)  # ascent: the gradient of minus the NLL
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     synchronize(context)
@@ -254,6 +256,7 @@ def transformers_setup(context: Context) -> Any:
 
 def transformers_work(context: Context, out: Any) -> float:
     """``from_pretrained`` -> scale the knowledge vectors -> ``save_pretrained`` (no checks, no manifest)."""
+    import torch
     import transformers
 
     from kvwctl.artifacts import ACCESSOR_FORMAT, read_artifact
@@ -261,7 +264,6 @@ def transformers_work(context: Context, out: Any) -> float:
     from kvwctl.modeling import down_projection_modules
     from kvwctl.source import resolve_model
 
-    torch = context.torch
     checkpoint = open_checkpoint(resolve_model(str(context.checkpoint)))
     model_class = getattr(transformers, checkpoint.architecture.auto_class)
     model = model_class.from_pretrained(context.checkpoint, dtype=getattr(torch, context.size.dtype))
@@ -320,7 +322,8 @@ def eval_work(context: Context, out: Any) -> float:
 
 def generate_work(context: Context, state: Any) -> float:
     """``model.generate`` on the same prompts, batches and tokens (loading included, as eval's is)."""
-    torch = context.torch
+    import torch
+
     loaded = context.load()
     samples = load_samples(context.data["eval"])
     prompts = [loaded.renderer.render_prompt(sample) for sample in samples]
