@@ -42,12 +42,14 @@ def test_tiny_run_measures_rows_and_derives_ratios_from_them(tmp_path: Path) -> 
     machine = report["machine"]
     assert machine["device"] == "cpu" and machine["cores"] >= 1 and machine["torch"].startswith("2.")
     assert machine["cpu"] and len(machine["load_average_before"]) == 3 and len(machine["load_average_after"]) == 3
+    assert report["repeat"] == 1 and report["cpu_seconds"] > 0 and report["dtype"] == "float32"
     rows = report["rows"]
     assert [(row["stage"], row["id"]) for row in rows] == [
         ("profile", "profile"), ("profile", "bare"), ("apply", "apply"), ("apply", "copy"),
     ]  # fmt: skip
     for row in rows:
         assert row["size"] == "tiny" and row["seconds"] > 0 and row["work"] > 0 and row["peak_bytes"] >= 0
+        assert row["repeats"] == 1
         assert row["throughput"] == pytest.approx(row["work"] / row["seconds"], rel=1e-12)
     profile, bare, apply, copy = rows
     assert profile["kvwctl"] and apply["kvwctl"] and not bare["kvwctl"] and not copy["kvwctl"]
@@ -117,6 +119,7 @@ def test_a_failing_row_is_reported_with_its_traceback() -> None:
         (["--out", "table.csv"], "--out must end in .json or .md"),
         (["--sizes", "huge"], "invalid choice: 'huge'"),
         (["--workdir", "."], "--workdir . exists; name a new directory"),
+        (["--repeat", "0"], "--repeat must be at least 1"),
     ],
 )
 def test_bad_arguments_are_usage_errors(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
