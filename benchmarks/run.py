@@ -273,7 +273,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
         for target in report["targets"]:
             verdict = "met" if target["met"] else "MISSED"
-            lines.append(f"* {target['size']}: {target['target']}: {target['speedup']:.2f}× ({verdict})")
+            lines.append(f"* {target['size']}: {target['target']}: {target['speedup']:.3f}× ({verdict})")
     return "\n".join(lines) + "\n"
 
 
