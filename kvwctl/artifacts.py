@@ -130,7 +130,7 @@ def read_artifact(path: Path, expected_format: str) -> Artifact:
 # --- validation ----------------------------------------------------------------------------------
 
 _MODEL_KEYS = ("model", "model_fingerprint", "num_layers", "positions")
-_SHARD_KEYS = ("shard_index", "shard_count", "shard_samples", "data_num_samples")
+_SHARD_KEYS = ("shard_index", "shard_count", "shard_samples", "sample_order", "data_num_samples")
 _REQUIRED_METADATA = {
     PROFILE_FORMAT: (*_MODEL_KEYS, "split"),
     ACCESSOR_FORMAT: (*_MODEL_KEYS, "mode", "batch_size"),

@@ -5,7 +5,11 @@ down projection (``act(gate(h)) * up(h)`` for gated MLPs). ``CoefficientCollecto
 forward pre-hook on every down projection of the language model and, for each batch, adds up
 ``|a|`` over the profiled positions of each sample, in float64 on the model's device. In a
 mixture-of-experts layer it also sums every routed expert's ``|a_e|`` over the profiled positions
-routed to it, with a count per expert (``kvwctl.experts``).
+routed to it, with a count per expert (``kvwctl.experts``). It runs the base model
+(``model.base_model``: the decoder, and the vision tower of a multimodal model) without the
+language-model head, and its dense hooks never wait for the device: the positions to profile are
+indexed on the host when the batch is encoded, so no ``.nonzero()``, ``.item()`` or
+``int(tensor)`` reads a device tensor back per batch or per layer.
 
 ``encode_batch`` tokenizes whole conversations (right padding) for profiling and teacher-forced
 scoring; ``encode_prompts`` tokenizes prompts alone (left padding) for generation. With a vision
@@ -277,6 +281,21 @@ def _module_at(root: Any, path: str) -> Any | None:
 class EncodedBatch:
     inputs: dict[str, Any]  # ready for model(**inputs), on the model's device
     position_mask: torch.Tensor  # (batch, sequence) bool: the profiled positions
+    # The same positions, indexed on the host before the copy to the device (so reading them needs
+    # no synchronisation): each one's index into the flattened (batch * sequence) positions, and its row.
+    position_index: torch.Tensor  # (positions,) int64
+    position_rows: torch.Tensor  # (positions,) int64
+
+    @classmethod
+    def of(cls, inputs: dict[str, Any], mask: torch.Tensor, device: torch.device) -> EncodedBatch:
+        """A batch whose profiled positions are ``mask`` (on the host), indexed before the copy to ``device``."""
+        flat = mask.reshape(-1).nonzero()[:, 0]  # (positions,): on the host, in row-major order
+        return cls(
+            inputs=inputs,
+            position_mask=mask.to(device),
+            position_index=flat.to(device),
+            position_rows=(flat // mask.shape[1]).to(device),
+        )
 
 
 def _process(
@@ -326,7 +345,7 @@ def encode_batch(loaded: LoadedModel, rendered: list[RenderedSample], *, positio
             positions, length=length, answer_start=answer_start, answer_length=item.answer_length
         )
         mask[row, selected.start : selected.stop] = True
-    return EncodedBatch(inputs=_model_inputs(loaded, inputs, rendered), position_mask=mask.to(loaded.device))
+    return EncodedBatch.of(_model_inputs(loaded, inputs, rendered), mask, loaded.device)
 
 
 def encode_prompts(loaded: LoadedModel, prompts: list[RenderedPrompt]) -> dict[str, Any]:
@@ -375,6 +394,9 @@ class CoefficientCollector:
     a dense down projection ``(batch, m)`` and the number of profiled positions of each sample
     ``(batch,)`` (the same for every layer); a layer's routed experts ``(batch, E, m)`` and the
     profiled positions routed to each expert ``(batch, E)``; and the positions of each sample.
+    Everything stays on the device: the forward pass goes through the base model only (no
+    language-model head, no logits), and the dense hooks select the profiled positions with the
+    host-made indices of ``EncodedBatch``.
     """
 
     def __init__(self, modules: Sequence[Any | None], experts: Sequence[Any | None] | None = None) -> None:
@@ -383,10 +405,9 @@ class CoefficientCollector:
         self.modules = modules
         self._experts = ExpertCoefficients(list(experts or []))
         self._handles: list[Any] = []
-        self._mask: torch.Tensor | None = None
-        self._rows: torch.Tensor | None = None  # (positions,): the sample of each profiled position
+        self._batch: EncodedBatch | None = None
         self._sums: list[torch.Tensor | None] = [None] * len(modules)
-        self._copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # the mask on other devices
+        self._copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # on other devices
 
     def __enter__(self) -> CoefficientCollector:
         for layer, module in enumerate(self.modules):
@@ -406,7 +427,7 @@ class CoefficientCollector:
 
         def hook(module: Any, args: tuple[Any, ...]) -> None:
             activations = args[0]  # (batch, sequence, m): the input of the down projection
-            mask, rows = self._placed(activations.device)
+            mask, index, rows = self._placed(activations.device)
             if activations.dim() == 2 and activations.shape[0] == mask.numel():
                 # A shared expert (Qwen2-MoE) sees the tokens flattened as (batch * sequence, m).
                 activations = activations.reshape(*mask.shape, activations.shape[-1])
@@ -415,22 +436,26 @@ class CoefficientCollector:
                     f"down projection of layer {layer} saw input of shape {tuple(activations.shape)}; "
                     f"expected (batch, sequence, m) = {tuple(mask.shape)} + (m,)"
                 )
-            selected = activations[mask].abs().to(torch.float64)  # (positions, m)
-            sums = torch.zeros(mask.shape[0], activations.shape[-1], dtype=torch.float64, device=activations.device)
+            width = activations.shape[-1]
+            # The same elements, in the same order, as activations[mask], without its .nonzero().
+            flat = activations.reshape(-1, width)  # (batch * sequence, m)
+            selected = flat.index_select(0, index).abs().to(torch.float64)  # (positions, m)
+            sums = torch.zeros(mask.shape[0], width, dtype=torch.float64, device=activations.device)
             self._sums[layer] = sums.index_add_(0, rows, selected)  # (batch, m)
 
         return hook
 
-    def _placed(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mask and rows on ``device``: a dispatched model's layers may sit on several devices,
-        and each layer's sums stay on its own device until the caller gathers them."""
-        mask, rows = self._mask, self._rows
-        assert mask is not None and rows is not None, "CoefficientCollector.run sets them first"
-        if mask.device != device:
+    def _placed(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's mask, position indices and rows on ``device``: a dispatched model's layers may
+        sit on several devices, and each layer's sums stay on its own device until gathered."""
+        batch = self._batch
+        assert batch is not None, "CoefficientCollector.run sets it first"
+        placed = (batch.position_mask, batch.position_index, batch.position_rows)
+        if batch.position_mask.device != device:
             if device not in self._copies:
-                self._copies[device] = (mask.to(device, non_blocking=True), rows.to(device, non_blocking=True))
+                self._copies[device] = tuple(tensor.to(device, non_blocking=True) for tensor in placed)  # type: ignore[assignment]
             return self._copies[device]
-        return mask, rows
+        return placed
 
     def run(
         self, loaded: LoadedModel, batch: EncodedBatch
@@ -439,13 +464,13 @@ class CoefficientCollector:
 
         from kvwctl.method import dense_part, experts_part
 
-        self._mask = batch.position_mask
-        self._rows = batch.position_mask.nonzero()[:, 0]
+        self._batch = batch
         self._copies = {}
         self._sums = [None] * len(self.modules)
         self._experts.start(batch.position_mask)
         with torch.inference_mode():
-            loaded.model(**batch.inputs, use_cache=False, logits_to_keep=1)
+            # The base model (decoder and vision tower) holds every hooked layer; the head is not run.
+            loaded.model.base_model(**batch.inputs, use_cache=False)
         skipped = [
             layer for layer, module in enumerate(self.modules) if module is not None and self._sums[layer] is None
         ]
@@ -464,6 +489,23 @@ class CoefficientCollector:
             if layer in expert_results:
                 parts[experts_part(layer)] = expert_results[layer]  # (batch, E, m), (batch, E)
         return parts, counts
+
+
+def length_order(rendered: Sequence[RenderedSample]) -> list[int]:
+    """The samples' indices from shortest to longest, for batches with little padding.
+
+    By image count, then tokens before image expansion; ties by text and image paths, a total
+    order on distinct samples, so any order of the same samples batches them the same way.
+    """
+    return sorted(
+        range(len(rendered)),
+        key=lambda index: (
+            len(rendered[index].sample.images),
+            len(rendered[index].token_ids),
+            rendered[index].text,
+            [str(path) for path in rendered[index].sample.images],
+        ),
+    )
 
 
 def render_all(renderer: ChatRenderer, samples: list[Sample]) -> list[RenderedSample]:

@@ -39,6 +39,7 @@ from kvwctl.modeling import (
     CoefficientCollector,
     LoadedModel,
     encode_batch,
+    length_order,
     load_model,
     render_all,
     select_device,
@@ -258,11 +259,15 @@ def write_profile(
     (``kvwctl.shards``); with ``--checkpoint-every`` / ``--resume`` the run checkpoints and resumes
     (``kvwctl.resume``). Under torchrun only rank 0 writes; the other ranks return a result with ``written=False``.
     """
+    import torch
 
     split, positions, batch_size = options.split, options.positions, options.batch_size
     checkpoint, torch_device, torch_dtype = loaded.checkpoint, loaded.device, loaded.dtype
     redactor = Redactor.create(enabled=options.redact)
     rendered = render_all(loaded.renderer, samples)
+    # Batches are formed in length order (little padding); shards, resume and checkpoints count
+    # positions in that order, and the rows go back to data order at the end (or at the merge).
+    order = length_order(rendered)  # position p holds sample order[p]
     shard = world.shard if world is not None else parse_shard(options.shard) if options.shard else None
     selection = shard_samples(len(samples), batch_size, shard) if shard is not None else range(len(samples))
     metadata = {
@@ -291,7 +296,7 @@ def write_profile(
         try:
             new = collect_sums(
                 loaded,
-                [rendered[index] for index in remaining],
+                [rendered[order[position]] for position in remaining],
                 positions=positions,
                 batch_size=batch_size,
                 tracker=tracker,
@@ -301,16 +306,21 @@ def write_profile(
         except (KeyboardInterrupt, Terminated):
             checkpointer.save_unsaved()  # Ctrl-C or SIGTERM: keep the batches finished since the last checkpoint
             raise
-    rows = combine(previous, remaining, new, torch_device)
+    rows = combine(previous, remaining, new, torch_device)  # the selected positions' rows, in length order
+    held = [order[position] for position in selection]  # the data index of each row
+    if shard is None:  # every sample: rows in data order
+        permutation = torch.tensor(sorted(range(len(held)), key=held.__getitem__), dtype=torch.int64)
+        rows = {name: tensor.index_select(0, permutation.to(tensor.device)) for name, tensor in rows.items()}
+        held = sorted(held)
     counts = rows["count"]  # (samples,)
     tensors = profile_tensors(split, rows)
     metadata |= {
         "num_samples": str(len(selection)),
         "num_positions": str(int(counts.sum())),
-        "sample_ids": json.dumps(redactor.ids([samples[index].id for index in selection])),
+        "sample_ids": json.dumps(redactor.ids([samples[index].id for index in held])),
     }
     if world is not None:
-        metadata = part_metadata(metadata, world.shard, selection, len(samples))
+        metadata = part_metadata(metadata, world.shard, selection, len(samples), held)
         merged = gather_profile(world, tensors, metadata, out=out)
         if merged is None:  # not rank 0: the profile is rank 0's to write
             return ProfileResult(
@@ -320,7 +330,7 @@ def write_profile(
         metadata["sample_ids"] = json.dumps(redactor.ids([sample.id for sample in samples]))  # one redaction key
         selection = range(len(samples))
     elif shard is not None:
-        metadata = part_metadata(metadata, shard, selection, len(samples))
+        metadata = part_metadata(metadata, shard, selection, len(samples), held)
     write_artifact(out, tensors, metadata)
     checkpointer.remove()
     return ProfileResult(

@@ -8,7 +8,8 @@ the batches finished since), a **resume sidecar** next to its output, ``<out>.re
 per-sample rows of every sample profiled so far, under the names a forget profile gives them
 (``layers.N.sum`` (done, m), for experts ``layers.N.experts.sum`` (done, E, m) and ``.count``
 (done, E), and ``count`` (done,)) (for a retain run too: the pooled sums are formed from them at the end, exactly as an
-uninterrupted run forms them), ``sample_indices`` (done,), their indices in the data file, and
+uninterrupted run forms them), ``sample_indices`` (done,), their positions in the length order the batches are formed in
+(``modeling.length_order``), and
 metadata naming the run: model fingerprint, data sha256, split, positions, batch size, dtype,
 device, tool version, the shard and the samples it covers, and ``batches_done``.
 

@@ -5,7 +5,7 @@
     kvwctl profile merge r-1.safetensors r-2.safetensors --out profile-retain.safetensors
 
 A data split's samples are cut into the batches a single run forms (``--batch-size`` consecutive
-samples), and shard ``K/N`` (1 <= K <= N, numbered from 1 as ``eval --fold``) takes the K-th of N
+samples of the split in length order, ``modeling.length_order``), and shard ``K/N`` (1 <= K <= N, numbered from 1 as ``eval --fold``) takes the K-th of N
 contiguous runs of whole batches. Each shard therefore profiles exactly the batches the single run
 would, and a forget profile merged from its shards holds the very same per-sample rows; a retain
 profile's pooled sums are added shard by shard, in shard order, so they equal the single run's to
@@ -16,8 +16,9 @@ A **partial profile** (format ``kvwctl.profile-part/1``) holds a shard's tensors
 of its samples would (retain: pooled ``layers.N.sum`` (m,) and ``count`` (); forget: per-sample rows)
 and the metadata of the whole run, except that ``num_samples``, ``num_positions`` and ``sample_ids``
 describe the shard, plus ``shard_index`` (K), ``shard_count`` (N), ``shard_samples`` (``[start,
-stop]``, the half-open range of sample indices it holds) and ``data_num_samples`` (the split's
-size). No stage but ``merge`` reads it: the accessor given several files merges them first.
+stop]``, the half-open range of positions in the length order it holds), ``sample_order`` (a JSON
+list: the data index of each sample it holds, in its row order) and ``data_num_samples`` (the
+split's size). Merging puts the rows back in data order by ``sample_order``. No stage but ``merge`` reads it: the accessor given several files merges them first.
 
 ``merge_parts`` refuses parts that disagree on anything that decides the numbers (model
 fingerprint, data sha256, split, positions, batch size, dtype, the shard count, the tool version,
@@ -41,7 +42,7 @@ from kvwctl.outputs import check_outputs
 if TYPE_CHECKING:
     import torch
 
-SHARD_KEYS = ("shard_index", "shard_count", "shard_samples", "data_num_samples")
+SHARD_KEYS = ("shard_index", "shard_count", "shard_samples", "sample_order", "data_num_samples")
 # Metadata that may differ between the parts of one profile: it describes the part, not the run.
 _PER_PART_KEYS = frozenset({*SHARD_KEYS, "format", "num_samples", "num_positions", "sample_ids", "data", "device"})
 
@@ -81,13 +82,18 @@ def shard_samples(num_samples: int, batch_size: int, shard: Shard) -> range:
     return range(first * batch_size, min(last * batch_size, num_samples))
 
 
-def part_metadata(metadata: dict[str, str], shard: Shard, samples: range, data_num_samples: int) -> dict[str, str]:
-    """A profile's metadata (of the shard's samples) marked as shard ``K/N`` of a split."""
+def part_metadata(
+    metadata: dict[str, str], shard: Shard, samples: range, data_num_samples: int, sample_order: Sequence[int]
+) -> dict[str, str]:
+    """A profile's metadata (of the shard's samples) marked as shard ``K/N`` of a split.
+
+    ``samples`` are positions in the length order; ``sample_order`` the data index of each."""
     return metadata | {
         "format": PROFILE_PART_FORMAT,
         "shard_index": str(shard.number),
         "shard_count": str(shard.count),
         "shard_samples": json.dumps([samples.start, samples.stop]),
+        "sample_order": json.dumps(list(sample_order)),
         "data_num_samples": str(data_num_samples),
     }
 
@@ -115,8 +121,19 @@ def merge_parts(parts: Sequence[Artifact]) -> tuple[dict[str, torch.Tensor], dic
                 total += part.tensors[name]
             tensors[name] = total
         else:
-            tensors[name] = torch.cat([part.tensors[name] for part in ordered])  # (samples, ...), sample order
+            tensors[name] = torch.cat([part.tensors[name] for part in ordered])  # (samples, ...), length order
     sample_ids = [sample_id for part in ordered for sample_id in _sample_ids(part)]
+    order = [index for part in ordered for index in _sample_order(part)]  # the data index of each row
+    if sorted(order) != list(range(int(first.metadata["data_num_samples"]))):
+        raise ArtifactError(
+            "the shards' sample_order do not cover the split's samples once each",
+            hint="the files were altered or not written by kvwctl profile --shard",
+        )
+    rows = sorted(range(len(order)), key=order.__getitem__)  # rows in data order
+    sample_ids = [sample_ids[row] for row in rows] if len(sample_ids) == len(order) else sample_ids
+    if split == "forget":
+        permutation = torch.tensor(rows, dtype=torch.int64)
+        tensors = {name: tensor.index_select(0, permutation) for name, tensor in tensors.items()}
     devices = sorted({part.metadata.get("device", "") for part in ordered})
     metadata = {key: value for key, value in first.metadata.items() if key not in SHARD_KEYS}
     metadata |= {
@@ -193,6 +210,17 @@ def _sample_ids(part: Artifact) -> list[str]:
     if not isinstance(ids, list) or not all(isinstance(sample_id, str) for sample_id in ids):
         raise ArtifactError(f"{part.path}: metadata sample_ids is not a JSON list of strings")
     return ids
+
+
+def _sample_order(part: Artifact) -> list[int]:
+    """A part's ``sample_order`` (a JSON list of data indices), one per sample it holds."""
+    try:
+        order = json.loads(part.metadata.get("sample_order", ""))
+    except ValueError:
+        order = None
+    if not isinstance(order, list) or not all(isinstance(index, int) and index >= 0 for index in order):
+        raise ArtifactError(f"{part.path}: metadata sample_order is not a JSON list of sample indices")
+    return order
 
 
 def _positive_int(part: Artifact, key: str) -> int:

@@ -171,10 +171,13 @@ def test_a_skipped_decoder_layer_is_named() -> None:
             )  # layer 1 never runs (Mllama's cross-attention without an image)
             return output
 
-    class Loaded:
-        model = SkipsLayerOne()
+    class Model:
+        base_model = SkipsLayerOne()  # what the collector runs (no head)
 
-    batch = EncodedBatch(inputs={"input_ids": torch.ones(1, 4, 3)}, position_mask=torch.ones(1, 4, dtype=torch.bool))
+    class Loaded:
+        model = Model()
+
+    batch = EncodedBatch.of({"input_ids": torch.ones(1, 4, 3)}, torch.ones(1, 4, dtype=torch.bool), torch.device("cpu"))
     with CoefficientCollector(layers) as collector, pytest.raises(ModelError, match=r"decoder layers \[1\]"):
         collector.run(Loaded(), batch)  # type: ignore[arg-type]
 

@@ -33,8 +33,8 @@ def _collect(model: Any, mask: torch.Tensor, dense: list[Any], experts: list[Any
     ]
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(5, model.config.vocab_size, (BATCH, SEQUENCE), generator=generator)
-    batch = EncodedBatch(
-        inputs={"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, position_mask=mask
+    batch = EncodedBatch.of(
+        {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, mask, torch.device("cpu")
     )
     with CoefficientCollector(dense, experts) as collector:
         parts, counts = collector.run(cast(LoadedModel, SimpleNamespace(model=model)), batch)
