@@ -71,11 +71,14 @@ def test_partial_profile_metadata(setup: dict[str, Path]) -> None:
     assert metadata["format"] == PROFILE_PART_FORMAT
     assert (metadata["shard_index"], metadata["shard_count"], metadata["shard_samples"]) == ("3", "3", "[4, 7]")
     assert (metadata["num_samples"], metadata["data_num_samples"]) == ("3", "7")
-    assert json.loads(metadata["sample_ids"]) == ["s4", "s5", "s6"]
+    # Positions 4-6 of the length order: which samples they are is sample_order, row by row.
+    order = json.loads(metadata["sample_order"])
+    assert len(order) == 3 and len(set(order)) == 3 and all(0 <= index < 7 for index in order)
+    assert json.loads(metadata["sample_ids"]) == [f"s{index}" for index in order]
     whole = tensors_of(setup["forget"])
     part = tensors_of(setup["forget-3"])
-    assert torch.equal(part["layers.1.sum"], whole["layers.1.sum"][4:7])  # the very rows of one run
-    assert torch.equal(part["count"], whole["count"][4:7])
+    assert torch.equal(part["layers.1.sum"], whole["layers.1.sum"][order])  # the very rows of one run
+    assert torch.equal(part["count"], whole["count"][order])
     retain_part = tensors_of(setup["retain-1"])
     assert retain_part["count"].shape == () and retain_part["layers.0.sum"].dim() == 1  # pooled over its samples
 
