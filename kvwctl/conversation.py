@@ -58,6 +58,7 @@ class RenderedSample:
     token_ids: tuple[int, ...]
     answer_start: int  # index of the first answer token in token_ids
     answer_length: int  # number of answer tokens
+    suffix: str | None = None  # the processor's suffix= (PaliGemma: the answer), None when text holds it
 
     @property
     def suffix_length(self) -> int:
@@ -68,6 +69,8 @@ class RenderedSample:
 class ChatRenderer:
     """Renders samples with a model's chat template and locates their answers."""
 
+    uses_chat_template = True  # PaliGemma's renderer (kvwctl.prefix_suffix) has none
+
     def __init__(
         self, processor: Any, *, multimodal: bool, max_tokens: int | None = None, image_required: str | None = None
     ) -> None:
@@ -76,7 +79,8 @@ class ChatRenderer:
         self.max_tokens = max_tokens  # the model's context; a longer sample is refused
         self.tokenizer = processor.tokenizer if multimodal else processor
         self.multimodal = multimodal
-        if not getattr(processor, "chat_template", None) and not getattr(self.tokenizer, "chat_template", None):
+        has_template = getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+        if self.uses_chat_template and not has_template:
             raise ModelError(
                 "the model's processor/tokenizer has no chat template",
                 hint="kvwctl renders samples with the model's own chat template; add chat_template.jinja",
