@@ -26,6 +26,9 @@ generation prompt, and tokenized by the same BOS rule (``render_prompt``).
 Processors expand image placeholders into many image tokens, all of them before the answer, so
 answer positions are recorded as a distance from the end of the sequence and checked against the
 processor's ids.
+
+PaliGemma has no chat template and takes the answer as its processor's ``suffix=``: its renderer,
+a ``ChatRenderer`` without a template, is ``kvwctl.prefix_suffix.PrefixSuffixRenderer``.
 """
 
 from __future__ import annotations

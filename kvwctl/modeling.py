@@ -226,9 +226,7 @@ def encode_batch(loaded: LoadedModel, rendered: list[RenderedSample], *, positio
                 "processor's token sequence"
             )
         if item.suffix is not None:  # PaliGemma: the processor must mark exactly the answer and <eos>
-            check_suffix_segment(
-                inputs.get("token_type_ids"), row, answer_start=answer_start, length=length, item=item
-            )
+            check_suffix_segment(inputs.get("token_type_ids"), row, answer_start=answer_start, length=length, item=item)
         renderer.check_bos(input_ids[row, :2].tolist(), item.sample)
         selected = profiled_positions(
             positions, length=length, answer_start=answer_start, answer_length=item.answer_length

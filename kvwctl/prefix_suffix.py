@@ -39,13 +39,14 @@ class PrefixSuffixRenderer(ChatRenderer):
 
     def __init__(self, processor: Any, *, max_tokens: int | None = None, image_required: str | None = None) -> None:
         super().__init__(processor, multimodal=True, max_tokens=max_tokens, image_required=image_required)
-        self.image_token = getattr(processor, "image_token", None)
+        image_token = getattr(processor, "image_token", None)
         self.eos_token_id = self.tokenizer.eos_token_id
-        if not isinstance(self.image_token, str) or self.bos_token is None or self.eos_token_id is None:
+        if not isinstance(image_token, str) or self.bos_token is None or self.eos_token_id is None:
             raise ModelError(
                 "the model's processor names no image token, or its tokenizer no BOS/EOS token; "
                 "kvwctl renders a prompt/suffix pair with them"
             )
+        self.image_token: str = image_token
 
     def prompt_text(self, sample: Sample) -> str:
         """The processor's ``text``: one image placeholder per image, then the question verbatim."""

@@ -372,19 +372,6 @@ def build_mistral3() -> tuple[Any, Any]:
     return tf.Mistral3ForConditionalGeneration(config), processor
 
 
-VISION_BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
-    "qwen3_vl": build_qwen3_vl,
-    "gemma3": build_gemma3,
-    "idefics3": build_idefics3,
-    "smolvlm": build_smolvlm,
-    "llava_next": build_llava_next,
-    "llava_onevision": build_llava_onevision,
-    "internvl": build_internvl,
-    "mllama": build_mllama,
-    "mistral3": build_mistral3,
-}
-
-
 def build_paligemma() -> tuple[Any, Any]:
     """PaliGemma 2 (Gemma 2 text, SigLIP): no chat template; the processor adds ``<bos>``, ``"\\n"``
     and 1152 ``<locNNNN>``/``<segNNN>`` tokens; 4 image tokens (``image_seq_length``)."""
@@ -416,4 +403,15 @@ def build_paligemma() -> tuple[Any, Any]:
     return tf.PaliGemmaForConditionalGeneration(config), processor
 
 
-VISION_BUILDERS["paligemma"] = build_paligemma
+VISION_BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
+    "qwen3_vl": build_qwen3_vl,
+    "gemma3": build_gemma3,
+    "idefics3": build_idefics3,
+    "smolvlm": build_smolvlm,
+    "llava_next": build_llava_next,
+    "llava_onevision": build_llava_onevision,
+    "internvl": build_internvl,
+    "mllama": build_mllama,
+    "mistral3": build_mistral3,
+    "paligemma": build_paligemma,
+}
