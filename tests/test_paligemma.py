@@ -3,24 +3,30 @@
 Checked on a tiny PaliGemma 2: kvwctl's batches are exactly what ``PaliGemmaProcessor`` builds for
 fine-tuning (ids and ``token_type_ids``), the profiled positions are the answer's, the coefficients
 are those of the processor's own encoding (and differ from an encoding with the answer in the
-bidirectional prefix), generation prompts stop after the prefix, and bad samples are data errors.
+bidirectional prefix), generation prompts stop after the prefix, eval's scores are the processor's and its batched
+generation equals one at a time, and bad samples are data errors.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import jsonlines
 import pytest
 import torch
 from helpers import expect_error, invoke
 
 from kvwctl.checkpoint import open_checkpoint
-from kvwctl.data import Sample, load_image
+from kvwctl.data import Sample, load_image, load_samples
 from kvwctl.errors import DataError
+from kvwctl.evaluate import generate_answers, run_eval
 from kvwctl.modeling import CoefficientCollector, LoadedModel, encode_batch, encode_prompts, load_model, render_all
-from kvwctl.source import resolve_model
+from kvwctl.options import EvalOptions
+from kvwctl.progress import NullTracker
+from kvwctl.source import ModelSpec, resolve_model
 from kvwctl.testing import make_image
 from kvwctl.testing_families import build_checkpoint
 
@@ -151,3 +157,59 @@ def test_an_image_placeholder_in_the_text_is_a_data_error(paligemma: tuple[Path,
     bad = Sample(id="x", question="<image>" + QUESTION, answer="Alice", images=sample.images, source=sample.source)
     with pytest.raises(DataError, match=r"sample 'x' contains the image placeholder '<image>'"):
         loaded.renderer.render(bad)
+
+
+def _independent_answer_logprob(path: Path, sample: Sample) -> float:
+    """Mean log p(answer token) from one unpadded forward pass of what the processor builds with ``suffix=``."""
+    import transformers
+
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    inputs = processor(
+        text=["<image>" + sample.question],
+        images=[[load_image(image) for image in sample.images]],
+        suffix=[sample.answer],
+        return_tensors="pt",
+    )
+    inputs.pop("labels")
+    ids = inputs["input_ids"][0]
+    suffix = inputs["token_type_ids"][0].nonzero()[:, 0].tolist()
+    answer_positions = suffix[:-1]  # the last suffix token is <eos>
+    assert processor.tokenizer.decode(ids[answer_positions]).strip() == sample.answer
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(model(**inputs).logits[0].double(), dim=-1)  # (sequence, vocab)
+    return sum(logprobs[position - 1, ids[position]].item() for position in answer_positions) / len(answer_positions)
+
+
+def test_eval_scores_and_generates_like_the_processor(paligemma: tuple[Path, LoadedModel], tmp_path: Path) -> None:
+    path, loaded = paligemma
+    make_image(tmp_path / "images" / "a.png", seed=3)
+    make_image(tmp_path / "images" / "b.png", seed=4)
+    records = [
+        {
+            "id": "a",
+            "image": "images/a.png",
+            "question": QUESTION,
+            "answer": "Alice Smith",
+            "options": ["Bob", "Alice Smith"],
+        },
+        {"id": "b", "image": "images/b.png", "question": "answer en Where was she born?", "answer": "Paris"},
+        {"id": "c", "image": "images/a.png", "question": "Name?", "answer": "Carol Jones Brown"},
+    ]
+    data = tmp_path / "s.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    result = run_eval(
+        {"model": ModelSpec(str(path))}, {"s": data}, tmp_path / "e.json", EvalOptions(max_new_tokens=2, batch_size=3)
+    )
+    recorded = {record["id"]: record for record in jsonlines.open(result.samples_path)}
+    samples = load_samples(data)
+    for sample in samples:
+        expected = _independent_answer_logprob(path, sample)
+        assert recorded[sample.id]["answer_logprob"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    bob = _independent_answer_logprob(path, replace(samples[0], answer="Bob"))
+    alice = recorded["a"]["answer_logprob"]
+    assert recorded["a"]["mc_choice"] == ("Bob" if bob > alice else "Alice Smith")  # every option scored alike
+    tracker = NullTracker()
+    one = generate_answers(loaded, samples, batch_size=1, max_new_tokens=3, tracker=tracker, description="generate")
+    three = generate_answers(loaded, samples, batch_size=3, max_new_tokens=3, tracker=tracker, description="generate")
+    assert one == three  # left padding does not change what PaliGemma generates
