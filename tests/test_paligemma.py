@@ -213,3 +213,19 @@ def test_eval_scores_and_generates_like_the_processor(paligemma: tuple[Path, Loa
     one = generate_answers(loaded, samples, batch_size=1, max_new_tokens=3, tracker=tracker, description="generate")
     three = generate_answers(loaded, samples, batch_size=3, max_new_tokens=3, tracker=tracker, description="generate")
     assert one == three  # left padding does not change what PaliGemma generates
+
+
+def test_the_published_layout_is_found(paligemma: tuple[Path, LoadedModel]) -> None:
+    """The tensor names of google/paligemma* checkpoints; only the language model's down projections are edited."""
+    path, _ = paligemma
+    stored = set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"])
+    published = {
+        "language_model.model.layers.1.mlp.down_proj.weight",
+        "vision_tower.vision_model.encoder.layers.0.mlp.fc2.weight",
+        "multi_modal_projector.linear.weight",
+    }
+    assert published <= stored
+    checkpoint = open_checkpoint(resolve_model(str(path)))
+    assert [projection.name for projection in checkpoint.down_projections] == [
+        f"language_model.model.layers.{layer}.mlp.down_proj.weight" for layer in (0, 1)
+    ]
