@@ -25,13 +25,15 @@ For every ``model_type`` this is data, not guesswork (DESIGN §5):
 
 Vision-language families keep the language model's layers under their own prefix: the
 ``language_model.model.layers.N`` of LLaVA-style checkpoints (Gemma 3, LLaVA-NeXT,
-LLaVA-OneVision, InternVL-hf, Mllama, Mistral 3; PaliGemma too, but its processor rewrites the
-text, so it is not supported: README, "Supported models"), the ``model.language_model.layers.N`` of Qwen3-VL
+LLaVA-OneVision, InternVL-hf, Mllama, Mistral 3, PaliGemma), the ``model.language_model.layers.N`` of Qwen3-VL
 (published after the transformers 4.52 refactor, beside ``model.visual.blocks``) and the
 ``model.text_model.layers.N`` of Idefics3 / SmolVLM. Every pattern must match the whole name, so
 vision towers (``vision_tower.…``, ``model.visual.…``, ``model.vision_model.…``) never match.
 Mllama's cross-attention layers are decoder layers with an MLP like the others: they are numbered
 with the self-attention layers (``text_config.num_hidden_layers`` counts both) and edited alike.
+PaliGemma has no chat template and its processor rewrites the text it is given (``<bos>`` after
+the images, ``"\n"`` after the prompt, the answer as ``suffix=``): ``rendering="prefix-suffix"``
+selects ``kvwctl.prefix_suffix`` for it, and every sample needs an image.
 Mixture-of-experts families have their own entries (``MOE_REGISTRY``) beside these.
 """
 
@@ -56,6 +58,9 @@ class Architecture:
     published: str = ""  # the family's reference published checkpoint (README: how its layout was checked)
     image_required: str | None = None  # why every sample must have an image, for the families that need one
     experts: ExpertLayout | None = None
+    # How samples become the processor's input: "chat" (the chat template renders the conversation)
+    # or "prefix-suffix" (no chat template; the answer goes to the processor as suffix=: PaliGemma).
+    rendering: str = "chat"
 
     def disk_layer(self, tensor_name: str) -> int | None:
         """The decoder-layer index of a down-projection weight stored as ``tensor_name``."""
@@ -212,6 +217,11 @@ REGISTRY: dict[str, Architecture] = {
             image_required="Mllama runs its cross-attention layers (and their MLPs) only with an image",
         ),
         _llava_style("mistral3", "mistralai/Mistral-Small-3.1-24B-Instruct-2503"),
+        replace(
+            _llava_style("paligemma", "google/paligemma2-3b-pt-224"),
+            rendering="prefix-suffix",
+            image_required="PaliGemma's processor refuses text without an image",
+        ),
         _text_only("llama", "HuggingFaceTB/SmolLM2-135M-Instruct"),
         _text_only("qwen2"),
         _text_only("mistral"),

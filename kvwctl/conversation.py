@@ -26,6 +26,9 @@ generation prompt, and tokenized by the same BOS rule (``render_prompt``).
 Processors expand image placeholders into many image tokens, all of them before the answer, so
 answer positions are recorded as a distance from the end of the sequence and checked against the
 processor's ids.
+
+PaliGemma has no chat template and takes the answer as its processor's ``suffix=``: its renderer,
+a ``ChatRenderer`` without a template, is ``kvwctl.prefix_suffix.PrefixSuffixRenderer``.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class RenderedSample:
     token_ids: tuple[int, ...]
     answer_start: int  # index of the first answer token in token_ids
     answer_length: int  # number of answer tokens
+    suffix: str | None = None  # the processor's suffix= (PaliGemma: the answer), None when text holds it
 
     @property
     def suffix_length(self) -> int:
@@ -68,6 +72,8 @@ class RenderedSample:
 class ChatRenderer:
     """Renders samples with a model's chat template and locates their answers."""
 
+    uses_chat_template = True  # PaliGemma's renderer (kvwctl.prefix_suffix) has none
+
     def __init__(
         self, processor: Any, *, multimodal: bool, max_tokens: int | None = None, image_required: str | None = None
     ) -> None:
@@ -76,7 +82,8 @@ class ChatRenderer:
         self.max_tokens = max_tokens  # the model's context; a longer sample is refused
         self.tokenizer = processor.tokenizer if multimodal else processor
         self.multimodal = multimodal
-        if not getattr(processor, "chat_template", None) and not getattr(self.tokenizer, "chat_template", None):
+        has_template = getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+        if self.uses_chat_template and not has_template:
             raise ModelError(
                 "the model's processor/tokenizer has no chat template",
                 hint="kvwctl renders samples with the model's own chat template; add chat_template.jinja",

@@ -33,6 +33,7 @@ from kvwctl.checkpoint import Checkpoint
 from kvwctl.conversation import ChatRenderer, RenderedPrompt, RenderedSample, profiled_positions
 from kvwctl.data import Sample, load_image
 from kvwctl.errors import KvwError, ModelError
+from kvwctl.prefix_suffix import PrefixSuffixRenderer, check_suffix_segment
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -142,15 +143,22 @@ def load_model(
     else:
         processor = transformers.AutoTokenizer.from_pretrained(checkpoint.path)
     modules, experts = down_projection_modules(model, checkpoint)
-    return LoadedModel(
-        checkpoint=checkpoint,
-        model=model,
-        renderer=ChatRenderer(
+    renderer: ChatRenderer
+    if architecture.rendering == "prefix-suffix":  # PaliGemma: no chat template, the answer as suffix=
+        renderer = PrefixSuffixRenderer(
+            processor, max_tokens=context_length(checkpoint.config), image_required=architecture.image_required
+        )
+    else:
+        renderer = ChatRenderer(
             processor,
             multimodal=architecture.multimodal,
             max_tokens=context_length(checkpoint.config),
             image_required=architecture.image_required,
-        ),
+        )
+    return LoadedModel(
+        checkpoint=checkpoint,
+        model=model,
+        renderer=renderer,
         down_projections=modules,
         device=device,
         dtype=dtype,
@@ -317,7 +325,14 @@ def _process(
     images = [[load_image(path) for path in item.sample.images] for item in items]
     if any(images):
         kwargs["images"] = images
-    return dict(renderer.processor(**kwargs))
+    suffixes = [item.suffix for item in items if isinstance(item, RenderedSample) and item.suffix is not None]
+    if suffixes:  # PaliGemma: the answers, which its processor appends after the prompt as a causal suffix
+        if len(suffixes) != len(items):
+            raise ModelError("samples of one batch disagree on whether the answer is a processor suffix")
+        kwargs["suffix"] = suffixes
+    inputs = dict(renderer.processor(**kwargs))
+    inputs.pop("labels", None)  # PaliGemma's processor adds training labels; kvwctl never trains
+    return inputs
 
 
 def encode_batch(loaded: LoadedModel, rendered: list[RenderedSample], *, positions: str) -> EncodedBatch:
@@ -340,6 +355,8 @@ def encode_batch(loaded: LoadedModel, rendered: list[RenderedSample], *, positio
                 f"{item.sample.source}: cannot locate the answer of sample {item.sample.id!r} in the "
                 "processor's token sequence"
             )
+        if item.suffix is not None:  # PaliGemma: the processor must mark exactly the answer and <eos>
+            check_suffix_segment(inputs.get("token_type_ids"), row, answer_start=answer_start, length=length, item=item)
         renderer.check_bos(input_ids[row, :2].tolist(), item.sample)
         selected = profiled_positions(
             positions, length=length, answer_start=answer_start, answer_length=item.answer_length

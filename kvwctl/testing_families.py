@@ -318,6 +318,8 @@ TEXT_BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
 # From what transformers 5.24's save_pretrained writes to the published layout, where they differ.
 PUBLISHED_RENAMES: dict[str, list[tuple[str, str]]] = {
     "gpt2": [("transformer.", "")],  # openai-community/gpt2: h.N.…, wte, wpe, ln_f
+    # google/paligemma*: vision_tower.vision_model.encoder.… (5.24 saves vision_tower.encoder.…, loads both)
+    "paligemma": [("vision_tower.", "vision_tower.vision_model.")],
 }
 
 

@@ -372,6 +372,37 @@ def build_mistral3() -> tuple[Any, Any]:
     return tf.Mistral3ForConditionalGeneration(config), processor
 
 
+def build_paligemma() -> tuple[Any, Any]:
+    """PaliGemma 2 (Gemma 2 text, SigLIP): no chat template; the processor adds ``<bos>``, ``"\\n"``
+    and 1152 ``<locNNNN>``/``<segNNN>`` tokens; 4 image tokens (``image_seq_length``)."""
+    import transformers as tf
+
+    tokenizer = trained_tokenizer(
+        ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"],
+        byte_level=False,
+        bos="<bos>",
+        eos="<eos>",
+        pad="<pad>",
+        unk="<unk>",
+        adds_bos=True,  # Gemma's tokenizer adds <bos>; the processor turns that off and writes it itself
+        extra={"image_token": "<image>"},
+    )
+    tokenizer.add_tokens(["\n"])  # Gemma's vocabulary has "\n", which the processor ends every prompt with
+    image_processor = tf.SiglipImageProcessor(size={"height": IMAGE, "width": IMAGE}, image_seq_length=4)
+    processor = tf.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    tokenizer = processor.tokenizer
+    config = tf.PaliGemmaConfig(
+        vision_config=_siglip(),
+        text_config=dict(model_type="gemma2", **_text(tokenizer, sliding_window=16)),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vocab_size=len(tokenizer),
+        projection_dim=32,
+        hidden_size=32,
+        tie_word_embeddings=False,
+    )
+    return tf.PaliGemmaForConditionalGeneration(config), processor
+
+
 VISION_BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
     "qwen3_vl": build_qwen3_vl,
     "gemma3": build_gemma3,
@@ -382,4 +413,5 @@ VISION_BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
     "internvl": build_internvl,
     "mllama": build_mllama,
     "mistral3": build_mistral3,
+    "paligemma": build_paligemma,
 }

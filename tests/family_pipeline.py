@@ -52,6 +52,7 @@ PUBLISHED = {
     "internvl": "language_model.model.layers.1.mlp.down_proj.weight",
     "mllama": "language_model.model.layers.1.mlp.down_proj.weight",  # layer 1 is a cross-attention layer
     "mistral3": "language_model.model.layers.1.mlp.down_proj.weight",
+    "paligemma": "language_model.model.layers.1.mlp.down_proj.weight",
 }
 GAMMA = 0.5
 
@@ -81,9 +82,12 @@ def _generate(checkpoint: Path, model_type: str, image: Path | None) -> str:
     else:
         processor = transformers.AutoTokenizer.from_pretrained(checkpoint)
         content = "Who is this person?"
-    text = processor.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-    )
+    if architecture.rendering == "prefix-suffix":  # PaliGemma: no chat template; the processor adds <bos>, "\n"
+        text = "<image>Who is this person?"
+    else:
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
     if architecture.multimodal:
         assert image is not None
         inputs = processor(text=[text], images=[load_image(image)], return_tensors="pt", add_special_tokens=False)
