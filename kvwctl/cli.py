@@ -145,7 +145,7 @@ def _register(function: F, *, name: str | None, register: Callable[[Callable[...
                 given = ", ".join(
                     f"{key}={'<hidden>' if key in SECRET_ARGUMENTS else value}"
                     for key, value in kwargs.items()
-                    if value is not None and value is not False and not isinstance(value, typer.Context)
+                    if value is not None and value is not False and key != "ctx"  # the profile group's typer Context
                 )
                 console.debug(f"kvwctl {name or function.__name__}: {given}")
                 with termination_signals_raise():
