@@ -23,6 +23,7 @@ import gc
 import json
 import re
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,8 @@ from kvwctl.source import ModelSpec, resolve_model
 
 if TYPE_CHECKING:
     import torch
+
+    from kvwctl.layercache import LayerInputCache
 
 ROLES = ("model", "baseline", "reference")
 SEED = 0
@@ -165,13 +168,20 @@ def generate_answers(
 
 
 def score_conversations(
-    loaded: LoadedModel, rendered: Sequence[RenderedSample], *, batch_size: int, tracker: Tracker, description: str
+    loaded: LoadedModel,
+    rendered: Sequence[RenderedSample],
+    *,
+    batch_size: int,
+    tracker: Tracker,
+    description: str,
+    layer_cache: LayerInputCache | None = None,
 ) -> list[float]:
     """Teacher-forced mean log-probability per answer token of each rendered conversation.
 
     The batches are encoded as the profile stage encodes them (``encode_batch``, right padding)
     and its ``answer`` positions — the last prompt position and answer tokens 1..n-1 — are exactly
-    the positions whose next token is an answer token.
+    the positions whose next token is an answer token. With ``layer_cache`` (tune's trials), a
+    batch seen before runs only the layers from the cache's first layer on (``kvwctl.layercache``).
     """
     import torch
 
@@ -184,7 +194,8 @@ def score_conversations(
         input_ids = encoded.inputs["input_ids"]  # (batch, sequence)
         first = int(mask.any(dim=0).nonzero()[0, 0])  # the earliest such position in the batch
         keep = input_ids.shape[1] - first
-        with torch.inference_mode():
+        around = layer_cache.around(encoded.inputs) if layer_cache is not None else nullcontext()
+        with torch.inference_mode(), around:
             # Only the last `keep` positions' logits: the image and prompt tokens before are not scored.
             logits = loaded.model(**encoded.inputs, use_cache=False, logits_to_keep=keep).logits  # (batch, keep, vocab)
         labels = input_ids[:, first + 1 :]  # (batch, keep - 1): the token that follows each kept position

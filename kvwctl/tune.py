@@ -38,6 +38,7 @@ from kvwctl.errors import ArtifactError, KvwError, UsageError
 from kvwctl.evaluate import EvalSplit, RenderedSplit, load_split, render_split
 from kvwctl.files import file_sha256, write_json_atomically
 from kvwctl.folds import assign_folds
+from kvwctl.layercache import LayerInputCache
 from kvwctl.method import (
     FLOAT32_MAX,
     batch_accessors,
@@ -304,6 +305,7 @@ class TunePlan:
         from kvwctl.tunereport import tune_report
 
         self.tracker = tracker
+        self.layer_cache: LayerInputCache | None = None
         self.fingerprint = self.checkpoint.fingerprint()
         digest = inputs_digest(
             {
@@ -325,6 +327,10 @@ class TunePlan:
                 gc.collect()
             with tracker.status(f"Loading {self.checkpoint.source.reference}"):
                 loaded = load_model(self.checkpoint, device=self.device, dtype=self.dtype)
+            # No trial edits a layer below the lowest of its selections: each batch's input to that
+            # layer is computed once (in the baseline's screen) and the trials run from there.
+            first = min(min(parse_layers(item.layers, self.checkpoint.num_layers)) for item in self.settings)
+            self.layer_cache = LayerInputCache(loaded, first)
             self.exposures = self._exposures(loaded)
             self.prepared = {name: render_split(loaded.renderer, split) for name, split in self.evaluated.items()}
             if "baseline" not in self.log.done:
@@ -504,6 +510,7 @@ class TunePlan:
                         batch_size=self.options.batch_size,
                         tracker=self.tracker,
                         description=f"trial {trial.number}: {name}",
+                        layer_cache=self.layer_cache,
                     )
                     for name, prepared in self.prepared.items()
                 }
@@ -540,9 +547,15 @@ class TunePlan:
     def _score_whole_model(self, loaded: LoadedModel, role: str) -> dict[str, Any]:
         """Screen and generation of a model as it is (the baseline or the reference)."""
         prepared = self.prepared_for(loaded)
+        cache = self.layer_cache if self.layer_cache is not None and self.layer_cache.loaded is loaded else None
         screen = {
             name: screen_values(
-                loaded, split, batch_size=self.options.batch_size, tracker=self.tracker, description=f"{role}: {name}"
+                loaded,
+                split,
+                batch_size=self.options.batch_size,
+                tracker=self.tracker,
+                description=f"{role}: {name}",
+                layer_cache=cache,
             )
             for name, split in prepared.items()
         }
