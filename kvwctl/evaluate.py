@@ -194,7 +194,7 @@ def score_conversations(
         input_ids = encoded.inputs["input_ids"]  # (batch, sequence)
         first = int(mask.any(dim=0).nonzero()[0, 0])  # the earliest such position in the batch
         keep = input_ids.shape[1] - first
-        around = layer_cache.around(encoded.inputs) if layer_cache is not None else nullcontext()
+        around = layer_cache.around(loaded, encoded.inputs) if layer_cache is not None else nullcontext()
         with torch.inference_mode(), around:
             # Only the last `keep` positions' logits: the image and prompt tokens before are not scored.
             logits = loaded.model(**encoded.inputs, use_cache=False, logits_to_keep=keep).logits  # (batch, keep, vocab)
@@ -231,10 +231,12 @@ def evaluate_split(
     max_new_tokens: int,
     batch_size: int,
     tracker: Tracker,
+    layer_cache: LayerInputCache | None = None,
 ) -> list[SampleResult]:
     """Generations, answer log-probabilities and multiple-choice picks for every sample of a split.
 
-    ``role`` names the model in the progress descriptions (``model 2/3 (baseline)``).
+    ``role`` names the model in the progress descriptions (``model 2/3 (baseline)``); ``layer_cache``
+    is shared by models that differ only from one layer on (``kvwctl.layercache``).
     """
     split, rendered = prepared.split, prepared.conversations
     generations = generate_answers(
@@ -247,7 +249,12 @@ def evaluate_split(
     )
     flat_scores = iter(
         score_conversations(
-            loaded, rendered, batch_size=batch_size, tracker=tracker, description=f"{role}: {split.name} score"
+            loaded,
+            rendered,
+            batch_size=batch_size,
+            tracker=tracker,
+            description=f"{role}: {split.name} score",
+            layer_cache=layer_cache,
         )
     )
     results = []
@@ -429,6 +436,7 @@ def execute_eval(plan: EvalPlan, *, tracker: Tracker | None = None) -> EvalResul
     redactor = Redactor.create(enabled=options.redact)
     torch_device = torch.device(plan.device)
     roles = list(plan.checkpoints)
+    layer_cache, cached_roles = shared_layer_cache(plan.checkpoints, torch_device, dtype)
     model_info: dict[str, ModelInfo] = {}
     per_sample: dict[str, dict[str, list[SampleResult]]] = {}
     for index, role in enumerate(roles, start=1):
@@ -442,7 +450,13 @@ def execute_eval(plan: EvalPlan, *, tracker: Tracker | None = None) -> EvalResul
         prepared = [render_split(loaded.renderer, split) for split in evaluated]  # data errors first
         per_sample[role] = {
             rendered.split.name: evaluate_split(
-                loaded, rendered, role=label, max_new_tokens=max_new_tokens, batch_size=batch_size, tracker=tracker
+                loaded,
+                rendered,
+                role=label,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                tracker=tracker,
+                layer_cache=layer_cache if role in cached_roles else None,
             )
             for rendered in prepared
         }
@@ -475,6 +489,27 @@ def execute_eval(plan: EvalPlan, *, tracker: Tracker | None = None) -> EvalResul
         )
         write_json_atomically(outputs.file(out, force=options.force), report.to_json())
     return EvalResult(path=out, samples_path=samples_out, report=report)
+
+
+def shared_layer_cache(
+    checkpoints: dict[str, Checkpoint], device: torch.device, dtype: str
+) -> tuple[LayerInputCache | None, set[str]]:
+    """A layer cache for the models that run the same layers below some decoder layer (an applied
+    checkpoint and its original: the first layer in which they differ), and the roles that share it."""
+    from kvwctl.layercache import LayerInputCache, first_difference, prefix_digest
+
+    models = list(checkpoints.values())
+    firsts = [first_difference(models[0], other) for other in models[1:]]
+    shared = [first for first in firsts if first is not None and first > 0]
+    if not shared:
+        return None, set()
+    first = min(shared)
+    digests = {
+        role: prefix_digest(checkpoint, first, select_dtype(dtype, device, checkpoint.config), device)
+        for role, checkpoint in checkpoints.items()
+    }
+    roles = {role for role, digest in digests.items() if list(digests.values()).count(digest) > 1}
+    return LayerInputCache(first), roles
 
 
 def _describe_model(checkpoint: Checkpoint, torch_dtype: torch.dtype) -> ModelInfo:

@@ -38,7 +38,7 @@ from kvwctl.errors import ArtifactError, KvwError, UsageError
 from kvwctl.evaluate import EvalSplit, RenderedSplit, load_split, render_split
 from kvwctl.files import file_sha256, write_json_atomically
 from kvwctl.folds import assign_folds
-from kvwctl.layercache import LayerInputCache
+from kvwctl.layercache import LayerInputCache, prefix_digest
 from kvwctl.method import (
     FLOAT32_MAX,
     batch_accessors,
@@ -318,19 +318,23 @@ class TunePlan:
         )
         self.log = TrialLog(self.log_path, digest, resume=self.options.resume, force=self.options.force)
         try:
+            # No trial edits a layer below the lowest of its selections: each batch's input to that
+            # layer is computed once and the trials run from there (kvwctl.layercache); so does the
+            # baseline's screen when the reference has the same layers below it.
+            first = min(min(parse_layers(item.layers, self.checkpoint.num_layers)) for item in self.settings)
+            self.layer_cache = LayerInputCache(first)
             if self.reference is not None and "reference" not in self.log.done:
                 dtype = select_dtype(self.options.dtype, self.device, self.reference.config)
+                shared = prefix_digest(self.reference, first, dtype, self.device) == prefix_digest(
+                    self.checkpoint, first, self.dtype, self.device
+                )
                 with tracker.status(f"Loading {self.reference.source.reference}"):
                     reference = load_model(self.reference, device=self.device, dtype=dtype)
-                self.log.write("reference", self._score_whole_model(reference, "reference"))
+                self.log.write("reference", self._score_whole_model(reference, "reference", cached=shared))
                 del reference
                 gc.collect()
             with tracker.status(f"Loading {self.checkpoint.source.reference}"):
                 loaded = load_model(self.checkpoint, device=self.device, dtype=self.dtype)
-            # No trial edits a layer below the lowest of its selections: each batch's input to that
-            # layer is computed once (in the baseline's screen) and the trials run from there.
-            first = min(min(parse_layers(item.layers, self.checkpoint.num_layers)) for item in self.settings)
-            self.layer_cache = LayerInputCache(loaded, first)
             self.exposures = self._exposures(loaded)
             self.prepared = {name: render_split(loaded.renderer, split) for name, split in self.evaluated.items()}
             if "baseline" not in self.log.done:
@@ -544,10 +548,11 @@ class TunePlan:
             return self.prepared
         return {name: render_split(loaded.renderer, split) for name, split in self.evaluated.items()}
 
-    def _score_whole_model(self, loaded: LoadedModel, role: str) -> dict[str, Any]:
-        """Screen and generation of a model as it is (the baseline or the reference)."""
+    def _score_whole_model(self, loaded: LoadedModel, role: str, *, cached: bool = True) -> dict[str, Any]:
+        """Screen and generation of a model as it is (the baseline or the reference); ``cached``: its
+        screen goes through the layer cache."""
         prepared = self.prepared_for(loaded)
-        cache = self.layer_cache if self.layer_cache is not None and self.layer_cache.loaded is loaded else None
+        cache = self.layer_cache if cached else None
         screen = {
             name: screen_values(
                 loaded,
