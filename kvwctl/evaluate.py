@@ -8,7 +8,9 @@ every split and freed. Per sample, through the model's chat template (images inc
 **generation**, greedy decoding of up to ``max_new_tokens`` tokens after the prompt, batched with
 LEFT padding (only the new tokens decoded, special tokens skipped, whitespace stripped); and the
 **teacher-forced scores** of the conversation with its answer and with each of its options, encoded
-as the profile stage encodes it. The metrics computed from them are defined in ``kvwctl.metrics``;
+as the profile stage encodes it (models that differ only from some decoder layer on, such as an
+applied checkpoint and its original, share the teacher-forced passes' states below that layer:
+``kvwctl.layercache``; the scores are unchanged). The metrics computed from them are defined in ``kvwctl.metrics``;
 the requirements (``--require``), checked against the inputs before any model work, in
 ``kvwctl.requirements``. The report (``kvwctl.report``) holds, per role, split and metric, the mean
 and count, plus the inputs, the settings and every requirement's outcome; it has no timestamps:

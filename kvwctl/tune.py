@@ -10,7 +10,9 @@
    baseline (the model before any edit): screen and generation on every evaluation split.
 3. **Trials in memory** (``kvwctl.trials``): for each setting the loaded model's down projections
    are weakened exactly as ``apply`` writes them, the trial is screened (teacher-forced, no
-   generation) and the weights are restored. The exposure is the accessor's
+   generation) and the weights are restored. No trial edits a layer below the search's lowest,
+   so the screen runs only the layers from there on (``kvwctl.layercache``: each batch's input to
+   that layer kept from the first pass over it; the scores are the full pass's bit for bit). The exposure is the accessor's
    (``kvwctl.method.batch_accessors`` and ``exposure`` on the cached profiles).
 4. **Generation** for the trials that can still win (``kvwctl.selection``: the screen's frontier,
    searched by bisection, ``--generate-top`` trials at most).
