@@ -8,7 +8,9 @@ every split and freed. Per sample, through the model's chat template (images inc
 **generation**, greedy decoding of up to ``max_new_tokens`` tokens after the prompt, batched with
 LEFT padding (only the new tokens decoded, special tokens skipped, whitespace stripped); and the
 **teacher-forced scores** of the conversation with its answer and with each of its options, encoded
-as the profile stage encodes it. The metrics computed from them are defined in ``kvwctl.metrics``;
+as the profile stage encodes it (models that differ only from some decoder layer on, such as an
+applied checkpoint and its original, share the teacher-forced passes' states below that layer:
+``kvwctl.layercache``; the scores are unchanged). The metrics computed from them are defined in ``kvwctl.metrics``;
 the requirements (``--require``), checked against the inputs before any model work, in
 ``kvwctl.requirements``. The report (``kvwctl.report``) holds, per role, split and metric, the mean
 and count, plus the inputs, the settings and every requirement's outcome; it has no timestamps:
@@ -23,6 +25,7 @@ import gc
 import json
 import re
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +67,8 @@ from kvwctl.visioncache import cache_directory
 
 if TYPE_CHECKING:
     import torch
+
+    from kvwctl.layercache import LayerInputCache
 
 ROLES = ("model", "baseline", "reference")
 SEED = 0
@@ -167,13 +172,20 @@ def generate_answers(
 
 
 def score_conversations(
-    loaded: LoadedModel, rendered: Sequence[RenderedSample], *, batch_size: int, tracker: Tracker, description: str
+    loaded: LoadedModel,
+    rendered: Sequence[RenderedSample],
+    *,
+    batch_size: int,
+    tracker: Tracker,
+    description: str,
+    layer_cache: LayerInputCache | None = None,
 ) -> list[float]:
     """Teacher-forced mean log-probability per answer token of each rendered conversation.
 
     The batches are encoded as the profile stage encodes them (``encode_batch``, right padding)
     and its ``answer`` positions — the last prompt position and answer tokens 1..n-1 — are exactly
-    the positions whose next token is an answer token.
+    the positions whose next token is an answer token. With ``layer_cache`` (tune's trials), a
+    batch seen before runs only the layers from the cache's first layer on (``kvwctl.layercache``).
     """
     import torch
 
@@ -186,7 +198,8 @@ def score_conversations(
         input_ids = encoded.inputs["input_ids"]  # (batch, sequence)
         first = int(mask.any(dim=0).nonzero()[0, 0])  # the earliest such position in the batch
         keep = input_ids.shape[1] - first
-        with torch.inference_mode():
+        around = layer_cache.around(loaded, encoded.inputs) if layer_cache is not None else nullcontext()
+        with torch.inference_mode(), around:
             # Only the last `keep` positions' logits: the image and prompt tokens before are not scored.
             logits = loaded.model(**encoded.inputs, use_cache=False, logits_to_keep=keep).logits  # (batch, keep, vocab)
         labels = input_ids[:, first + 1 :]  # (batch, keep - 1): the token that follows each kept position
@@ -222,10 +235,12 @@ def evaluate_split(
     max_new_tokens: int,
     batch_size: int,
     tracker: Tracker,
+    layer_cache: LayerInputCache | None = None,
 ) -> list[SampleResult]:
     """Generations, answer log-probabilities and multiple-choice picks for every sample of a split.
 
-    ``role`` names the model in the progress descriptions (``model 2/3 (baseline)``).
+    ``role`` names the model in the progress descriptions (``model 2/3 (baseline)``); ``layer_cache``
+    is shared by models that differ only from one layer on (``kvwctl.layercache``).
     """
     split, rendered = prepared.split, prepared.conversations
     generations = generate_answers(
@@ -238,7 +253,12 @@ def evaluate_split(
     )
     flat_scores = iter(
         score_conversations(
-            loaded, rendered, batch_size=batch_size, tracker=tracker, description=f"{role}: {split.name} score"
+            loaded,
+            rendered,
+            batch_size=batch_size,
+            tracker=tracker,
+            description=f"{role}: {split.name} score",
+            layer_cache=layer_cache,
         )
     )
     results = []
@@ -425,6 +445,7 @@ def execute_eval(plan: EvalPlan, *, tracker: Tracker | None = None) -> EvalResul
     redactor = Redactor.create(enabled=options.redact)
     torch_device = torch.device(plan.device)
     roles = list(plan.checkpoints)
+    layer_cache, cached_roles = shared_layer_cache(plan.checkpoints, torch_device, dtype)
     model_info: dict[str, ModelInfo] = {}
     per_sample: dict[str, dict[str, list[SampleResult]]] = {}
     protocol_values: dict[str, Any] = {}  # role -> kvwctl.protocols.RoleValues, with --protocol
@@ -445,7 +466,13 @@ def execute_eval(plan: EvalPlan, *, tracker: Tracker | None = None) -> EvalResul
         prepared = [render_split(loaded.renderer, split) for split in evaluated]  # data errors first
         per_sample[role] = {
             rendered.split.name: evaluate_split(
-                loaded, rendered, role=label, max_new_tokens=max_new_tokens, batch_size=batch_size, tracker=tracker
+                loaded,
+                rendered,
+                role=label,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                tracker=tracker,
+                layer_cache=layer_cache if role in cached_roles else None,
             )
             for rendered in prepared
         }
@@ -490,6 +517,29 @@ def execute_eval(plan: EvalPlan, *, tracker: Tracker | None = None) -> EvalResul
         )
         write_json_atomically(outputs.file(out, force=options.force), report.to_json())
     return EvalResult(path=out, samples_path=samples_out, report=report)
+
+
+def shared_layer_cache(
+    checkpoints: dict[str, Checkpoint], device: torch.device, dtype: str
+) -> tuple[LayerInputCache | None, set[str]]:
+    """A layer cache for the models that run the same layers below some decoder layer (an applied
+    checkpoint and its original: the first layer in which they differ), and the roles that share it."""
+    from kvwctl.layercache import LayerInputCache, first_difference, prefix_digest, supports
+
+    models = list(checkpoints.values())
+    if not all(supports(model) for model in models):
+        return None, set()
+    firsts = [first_difference(models[0], other) for other in models[1:]]
+    shared = [first for first in firsts if first is not None and first > 0]
+    if not shared:
+        return None, set()
+    first = min(shared)
+    digests = {
+        role: prefix_digest(checkpoint, first, select_dtype(dtype, device, checkpoint.config), device)
+        for role, checkpoint in checkpoints.items()
+    }
+    roles = {role for role, digest in digests.items() if list(digests.values()).count(digest) > 1}
+    return LayerInputCache(first), roles
 
 
 def _describe_model(checkpoint: Checkpoint, torch_dtype: torch.dtype) -> ModelInfo:

@@ -29,6 +29,7 @@ from kvwctl.progress import Tracker
 if TYPE_CHECKING:
     import torch
 
+    from kvwctl.layercache import LayerInputCache
     from kvwctl.modeling import LoadedModel
 
 SCREEN_METRICS = ("answer_logprob", "mc_acc")
@@ -94,11 +95,23 @@ class TrialModel:
 
 
 def screen_values(
-    loaded: LoadedModel, prepared: RenderedSplit, *, batch_size: int, tracker: Tracker, description: str
+    loaded: LoadedModel,
+    prepared: RenderedSplit,
+    *,
+    batch_size: int,
+    tracker: Tracker,
+    description: str,
+    layer_cache: LayerInputCache | None = None,
 ) -> dict[str, list[float | None]]:
-    """``answer_logprob`` and ``mc_acc`` of every sample, as eval computes them."""
+    """``answer_logprob`` and ``mc_acc`` of every sample, as eval computes them (``layer_cache``:
+    the layers below the trials' first edited layer are run once per batch, ``kvwctl.layercache``)."""
     scores = score_conversations(
-        loaded, prepared.conversations, batch_size=batch_size, tracker=tracker, description=description
+        loaded,
+        prepared.conversations,
+        batch_size=batch_size,
+        tracker=tracker,
+        description=description,
+        layer_cache=layer_cache,
     )
     answer_scores, choices = answer_scores_and_choices(prepared, iter(scores))
     return {

@@ -10,7 +10,9 @@
    baseline (the model before any edit): screen and generation on every evaluation split.
 3. **Trials in memory** (``kvwctl.trials``): for each setting the loaded model's down projections
    are weakened exactly as ``apply`` writes them, the trial is screened (teacher-forced, no
-   generation) and the weights are restored. The exposure is the accessor's
+   generation) and the weights are restored. No trial edits a layer below the search's lowest,
+   so the screen runs only the layers from there on (``kvwctl.layercache``: each batch's input to
+   that layer kept from the first pass over it; the scores are the full pass's bit for bit). The exposure is the accessor's
    (``kvwctl.method.batch_accessors`` and ``exposure`` on the cached profiles).
 4. **Generation** for the trials that can still win (``kvwctl.selection``: the screen's frontier,
    searched by bisection, ``--generate-top`` trials at most).
@@ -38,6 +40,7 @@ from kvwctl.errors import ArtifactError, KvwError, ModelError, UsageError
 from kvwctl.evaluate import EvalSplit, RenderedSplit, load_split, render_split
 from kvwctl.files import file_sha256, write_json_atomically
 from kvwctl.folds import assign_folds
+from kvwctl.layercache import LayerInputCache, prefix_digest, supports
 from kvwctl.method import (
     FLOAT32_MAX,
     batch_accessors,
@@ -318,6 +321,7 @@ class TunePlan:
         from kvwctl.tunereport import tune_report
 
         self.tracker = tracker
+        self.layer_cache: LayerInputCache | None = None
         self.fingerprint = self.checkpoint.fingerprint()
         digest = inputs_digest(
             {
@@ -330,11 +334,19 @@ class TunePlan:
         )
         self.log = TrialLog(self.log_path, digest, resume=self.options.resume, force=self.options.force)
         try:
+            # No trial edits a layer below the lowest of its selections: each batch's input to that
+            # layer is computed once and the trials run from there (kvwctl.layercache); so does the
+            # baseline's screen when the reference has the same layers below it.
+            first = min(min(parse_layers(item.layers, self.checkpoint.num_layers)) for item in self.settings)
+            self.layer_cache = LayerInputCache(first) if supports(self.checkpoint) else None
             if self.reference is not None and "reference" not in self.log.done:
                 dtype = select_dtype(self.options.dtype, self.device, self.reference.config)
+                shared = prefix_digest(self.reference, first, dtype, self.device) == prefix_digest(
+                    self.checkpoint, first, self.dtype, self.device
+                )
                 with tracker.status(f"Loading {self.reference.source.reference}"):
                     reference = load_model(self.reference, device=self.device, dtype=dtype, **self._placed())
-                self.log.write("reference", self._score_whole_model(reference, "reference"))
+                self.log.write("reference", self._score_whole_model(reference, "reference", cached=shared))
                 del reference
                 gc.collect()
             with tracker.status(f"Loading {self.checkpoint.source.reference}"):
@@ -518,6 +530,7 @@ class TunePlan:
                         batch_size=self.options.batch_size,
                         tracker=self.tracker,
                         description=f"trial {trial.number}: {name}",
+                        layer_cache=self.layer_cache,
                     )
                     for name, prepared in self.prepared.items()
                 }
@@ -551,12 +564,19 @@ class TunePlan:
             return self.prepared
         return {name: render_split(loaded.renderer, split) for name, split in self.evaluated.items()}
 
-    def _score_whole_model(self, loaded: LoadedModel, role: str) -> dict[str, Any]:
-        """Screen and generation of a model as it is (the baseline or the reference)."""
+    def _score_whole_model(self, loaded: LoadedModel, role: str, *, cached: bool = True) -> dict[str, Any]:
+        """Screen and generation of a model as it is (the baseline or the reference); ``cached``: its
+        screen goes through the layer cache."""
         prepared = self.prepared_for(loaded)
+        cache = self.layer_cache if cached else None
         screen = {
             name: screen_values(
-                loaded, split, batch_size=self.options.batch_size, tracker=self.tracker, description=f"{role}: {name}"
+                loaded,
+                split,
+                batch_size=self.options.batch_size,
+                tracker=self.tracker,
+                description=f"{role}: {name}",
+                layer_cache=cache,
             )
             for name, split in prepared.items()
         }
