@@ -270,7 +270,8 @@ def transformers_work(context: Context, out: Any) -> float:
     model = model_class.from_pretrained(context.checkpoint, dtype=getattr(torch, context.size.dtype))
     accessor = read_artifact(context.accessor, ACCESSOR_FORMAT)
     with torch.no_grad():
-        for layer, module in enumerate(down_projection_modules(model, checkpoint)):
+        modules, _ = down_projection_modules(model, checkpoint)  # dense models: no experts
+        for layer, module in enumerate(modules):
             gate = torch.exp(-GAMMA * accessor.layer_tensor(layer, "exposure").float())  # (m,)
             module.weight.copy_((module.weight.float() * gate).to(module.weight.dtype))  # columns scaled
     model.save_pretrained(out, max_shard_size=context.size.shard_size)
