@@ -129,8 +129,13 @@ def merge_parts(parts: Sequence[Artifact]) -> tuple[dict[str, torch.Tensor], dic
             "the shards' sample_order do not cover the split's samples once each",
             hint="the files were altered or not written by kvwctl profile --shard",
         )
+    if len(sample_ids) != len(order):
+        raise ArtifactError(
+            f"the shards hold {len(order)} samples but list {len(sample_ids)} sample_ids",
+            hint="the files were altered or not written by kvwctl profile --shard",
+        )
     rows = sorted(range(len(order)), key=order.__getitem__)  # rows in data order
-    sample_ids = [sample_ids[row] for row in rows] if len(sample_ids) == len(order) else sample_ids
+    sample_ids = [sample_ids[row] for row in rows]
     if split == "forget":
         permutation = torch.tensor(rows, dtype=torch.int64)
         tensors = {name: tensor.index_select(0, permutation) for name, tensor in tensors.items()}
